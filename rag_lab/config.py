@@ -1,0 +1,253 @@
+"""Typed experiment configuration: one dataclass per component, strict YAML loading.
+
+An experiment YAML overrides only what changes; every field has a default and a help
+string. Unknown or misspelt keys and wrong types are errors that name the key:
+
+    name: rag_zero_shot_bm25
+    regime: rag
+    retriever: {kind: bm25, k: 5}
+    profiles:
+      smoke: {data: {n_eval: 20}}     # why: seconds, for CI and notebook tests
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the file and the key."""
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    """A dataclass field with a one-line help string in its metadata."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+PROFILES = ("smoke", "default", "full")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _help("QA dataset: a registered name (nq-mini, nq-open), a file, or hf:<id>", "nq-mini")
+    corpus: str = _help("passage corpus: a registered name, a file, or hf:<id>", "nq-mini")
+    train_split: str = _help("split used for training and few-shot demonstrations", "train")
+    eval_split: str = _help("split the table reports on", "eval")
+    n_eval: int | None = _help("evaluate on a seeded random subset of this many questions (None: all)", None)
+    n_train: int | None = _help("train on a seeded random subset of this many questions (None: all)", None)
+    n_corpus: int | None = _help("keep only the first N passages plus every passage holding an eval answer (smoke)", None)
+    subset_seed: int = _help("seed for the eval/train subsets", 0)
+
+    def __post_init__(self):
+        for key in ("n_eval", "n_train", "n_corpus"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"data.{key} must be positive or null, got {value}")
+
+
+@dataclass
+class RetrieverConfig:
+    kind: Literal["none", "bm25", "dense", "hybrid"] = _help("retriever; none = closed-book", "none")
+    k: int = _help("passages handed to the reader", 5)
+    # BM25 (bm25s)
+    k1: float = _help("BM25 term-frequency saturation", 1.5)
+    b: float = _help("BM25 length normalisation", 0.75)
+    stopwords: str | None = _help("stopword list for BM25 tokenisation (bm25s name, e.g. 'en'; None: keep all)", "en")
+    stemmer: str | None = _help("PyStemmer language for BM25 (None: no stemming)", "english")
+    # dense (sentence-transformers encoder + FAISS)
+    encoder: str = _help("dense encoder: embedded name, local path or hub id", "all-minilm-l6-v2")
+    query_prefix: str = _help("prepended to queries (e5: 'query: ')", "")
+    passage_prefix: str = _help("prepended to passages (e5: 'passage: ')", "")
+    max_length: int = _help("encoder max sequence length in tokens", 256)
+    index_factory: str = _help("FAISS index_factory string (Flat, HNSW32, IVF1024,PQ64, ...)", "Flat")
+    search_params: str = _help("FAISS ParameterSpace string applied at search (e.g. 'efSearch=128', 'nprobe=16')", "")
+    encode_batch_size: int = _help("passages per encoder batch", 64)
+    # hybrid
+    fusion: Literal["rrf", "weighted"] = _help("hybrid fusion: reciprocal-rank or weighted normalised scores", "rrf")
+    rrf_k: int = _help("RRF constant: score = sum 1/(rrf_k + rank)", 60)
+    dense_weight: float = _help("weighted fusion: weight of the dense score (BM25 gets 1 - w)", 0.5)
+
+    def __post_init__(self):
+        if self.k <= 0:
+            raise ConfigError(f"retriever.k must be positive, got {self.k}")
+        if not 0.0 <= self.dense_weight <= 1.0:
+            raise ConfigError(f"retriever.dense_weight must be in [0, 1], got {self.dense_weight}")
+
+
+@dataclass
+class GeneratorConfig:
+    kind: Literal["decoder", "seq2seq", "extractive"] = _help("reader family", "decoder")
+    model: str = _help("embedded name, local path or hub id", "smollm2-135m-instruct")
+    max_new_tokens: int = _help("greedy decoding budget", 16)
+    batch_size: int = _help("questions per generation batch", 16)
+    max_input_tokens: int = _help("prompt budget; passages are cut to fit, never the question", 1024)
+    use_chat_template: bool = _help("wrap prompts in the tokenizer's chat template when it has one", True)
+    system_prompt: str = _help("system message (chat mode)", "Answer the question with a short phrase of a few words, no full sentence.")
+    closed_book_template: str = _help("prompt for closed-book mode; must contain {question}", "Question: {question}\nAnswer:")
+    rag_template: str = _help("prompt for RAG mode; must contain {context} and {question}",
+                              "{context}\n\nUsing the passages above, answer the question.\nQuestion: {question}\nAnswer:")
+    n_few_shot: int = _help("demonstrations drawn from the train split with a fixed seed", 0)
+    strip_prefixes: list[str] = _help("boilerplate removed from the start of answers",
+                                      factory=lambda: ["the answer is", "answer:"])
+
+    def __post_init__(self):
+        if "{question}" not in self.closed_book_template:
+            raise ConfigError("generator.closed_book_template must contain {question}")
+        if "{question}" not in self.rag_template or "{context}" not in self.rag_template:
+            raise ConfigError("generator.rag_template must contain {context} and {question}")
+        for key in ("max_new_tokens", "batch_size", "max_input_tokens"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"generator.{key} must be positive, got {getattr(self, key)}")
+        if self.n_few_shot < 0:
+            raise ConfigError(f"generator.n_few_shot must be >= 0, got {self.n_few_shot}")
+
+
+@dataclass
+class TrainingConfig:
+    enabled: bool = _help("fine-tune the generator before evaluating", False)
+    method: Literal["full", "lora"] = _help("full fine-tuning or LoRA (peft)", "full")
+    learning_rate: float = _help("peak learning rate", 5e-5)
+    epochs: float = _help("passes over the training subset", 2.0)
+    batch_size: int = _help("examples per device step", 8)
+    grad_accum: int = _help("gradient accumulation steps", 1)
+    lora_r: int = _help("LoRA rank", 16)
+    lora_alpha: int = _help("LoRA alpha", 32)
+    lora_targets: list[str] = _help("LoRA target module names", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    dev_size: int = _help("questions held out from train for dev EM / early stopping", 100)
+    seeds: list[int] = _help("training seeds; one table row reports mean ± sd over them", factory=lambda: [0])
+
+    def __post_init__(self):
+        if self.learning_rate <= 0 or self.epochs <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
+            raise ConfigError("training.learning_rate, epochs, batch_size and grad_accum must be positive")
+        if not self.seeds:
+            raise ConfigError("training.seeds must list at least one seed")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = _help("experiment name (the results-table key)", "unnamed")
+    regime: Literal["closed_book", "rag", "closed_book_ft", "rag_ft", "reader"] = _help("which row of the comparison", "closed_book")
+    description: str = _help("one line on what this experiment tests", "")
+    seed: int = _help("global seed (sampling of demonstrations, training)", 0)
+    data: DataConfig = _help("data", factory=DataConfig)
+    retriever: RetrieverConfig = _help("retriever", factory=RetrieverConfig)
+    generator: GeneratorConfig = _help("generator", factory=GeneratorConfig)
+    training: TrainingConfig = _help("training", factory=TrainingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """A small runtime type check for the annotation forms used above."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is float:  # YAML writes 1 for 1.0; bool is not a number here
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def from_dict(cls: type, data: Any, where: str = "", section: str = ""):
+    """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: '{section or 'top level'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        keypath = f"{section}.{key}" if section else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{keypath}'{hint}; valid keys: {', '.join(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, where, keypath)
+        elif not _type_ok(value, tp):
+            raise ConfigError(f"{where}: '{keypath}' = {value!r} is not of type {_type_name(tp)}")
+        else:
+            kwargs[key] = float(value) if tp is float else value
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_experiment(path: str | Path, profile: str = "default") -> ExperimentConfig:
+    """Load an experiment YAML (yaml.safe_load) and apply the overrides of `profile`.
+
+    `profiles:` maps a profile name (smoke / default / full) to a partial config; the
+    default profile is the file's top level as written.
+    """
+    path = Path(path)
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; profiles: {', '.join(PROFILES)}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such experiment file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: an experiment file must be a mapping")
+    profiles = raw.pop("profiles", {}) or {}
+    if not isinstance(profiles, dict) or any(p not in PROFILES for p in profiles):
+        raise ConfigError(f"{path}: 'profiles' keys must be among {', '.join(PROFILES)}, got {list(profiles)}")
+    raw.setdefault("name", path.stem)
+    merged = _deep_merge(raw, profiles.get(profile) or {})
+    return from_dict(ExperimentConfig, merged, where=str(path))
+
+
+def config_help(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    """One line per field: key, default, help — for `rag-lab config-help`."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            lines += config_help(f.default_factory, key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"{key} = {default!r}  # {f.metadata.get('help', '')}")
+    return lines

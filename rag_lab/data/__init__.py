@@ -1,0 +1,85 @@
+"""Datasets and corpora, referred to by name through one resolver.
+
+    load_qa("nq-mini", "eval")             # a registered name
+    load_qa("path/to/questions.jsonl")     # a local jsonl / json / parquet file
+    load_qa("hf:nq_open", "validation")    # a hub dataset (needs network); "owner/name" works too
+
+Adding a dataset is one module with `SPLITS`, `load_split(split)` (and optionally
+`load_corpus()`) plus one line in `DATASETS` below.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol
+
+from rag_lab.data import nq_mini
+from rag_lab.data.loaders import load_corpus_file, load_hub_corpus, load_hub_qa, load_qa_file
+from rag_lab.data.records import Passage, QAExample
+from rag_lab.io import DataError
+
+
+class _HubQA:
+    """A registered hub QA dataset: our split names mapped to the hub's."""
+
+    def __init__(self, hub_id: str, splits: dict[str, str]):
+        self.hub_id, self.split_map = hub_id, splits
+        self.SPLITS = tuple(splits)
+
+    def load_split(self, split: str) -> list[QAExample]:
+        if split not in self.split_map:
+            raise DataError(f"{self.hub_id} has no split {split!r}; splits: {', '.join(self.SPLITS)}")
+        return load_hub_qa(self.hub_id, self.split_map[split])
+
+
+class Dataset(Protocol):
+    SPLITS: tuple[str, ...]
+
+    def load_split(self, split: str) -> list[QAExample]: ...
+
+
+DATASETS: dict[str, Dataset | ModuleType] = {
+    "nq-mini": nq_mini,
+    # the full NQ-open (train 87,925 / dev 3,610) for users with network
+    "nq-open": _HubQA("google-research-datasets/nq_open", {"train": "train", "eval": "validation"}),
+}
+CORPORA: dict[str, ModuleType] = {"nq-mini": nq_mini}
+
+
+def _hub_id(name: str) -> str | None:
+    if name.startswith("hf:"):
+        return name[3:]
+    return name if name.count("/") == 1 and not Path(name).exists() else None
+
+
+def load_qa(name_or_path: str, split: str = "eval") -> list[QAExample]:
+    """QA examples from a registered name, a local file, or a hub dataset id."""
+    if name_or_path in DATASETS:
+        return DATASETS[name_or_path].load_split(split)
+    if Path(name_or_path).is_file():
+        return load_qa_file(name_or_path)
+    hub_id = _hub_id(name_or_path)
+    if hub_id:
+        return load_hub_qa(hub_id, split)
+    raise DataError(
+        f"unknown dataset {name_or_path!r}: not a registered name ({', '.join(DATASETS)}), "
+        "not an existing file, and not a hub id ('hf:<id>' or 'owner/name')"
+    )
+
+
+def load_corpus(name_or_path: str) -> list[Passage]:
+    """Passages from a registered corpus name, a local file, or a hub dataset id."""
+    if name_or_path in CORPORA:
+        return CORPORA[name_or_path].load_corpus()
+    if Path(name_or_path).is_file():
+        return load_corpus_file(name_or_path)
+    hub_id = _hub_id(name_or_path)
+    if hub_id:
+        return load_hub_corpus(hub_id)
+    raise DataError(
+        f"unknown corpus {name_or_path!r}: not a registered name ({', '.join(CORPORA)}), "
+        "not an existing file, and not a hub id ('hf:<id>' or 'owner/name')"
+    )
+
+
+__all__ = ["DATASETS", "CORPORA", "Passage", "QAExample", "load_qa", "load_corpus", "DataError"]

@@ -1,0 +1,47 @@
+"""Execute the numbered notebooks with papermill, one profile for all of them.
+
+The default profile executes each notebook in place, so the committed notebooks carry
+the outputs of the default run. Other profiles (smoke) write to results/<profile>/notebooks/
+and leave the committed notebooks untouched.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rag_lab.paths import REPO_ROOT, results_dir
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+
+
+def numbered_notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:
+    return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+
+
+def output_path(notebook: Path, profile: str) -> Path:
+    return notebook if profile == "default" else results_dir() / profile / "notebooks" / notebook.name
+
+
+def run_notebook(notebook: Path, profile: str, kernel: str = "python3") -> Path:
+    """Execute one notebook with `profile` injected into its `parameters` cell; return the output path."""
+    import papermill as pm
+
+    out = output_path(notebook, profile)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.ipynb")  # atomic: a failed run leaves the old notebook
+    pm.execute_notebook(str(notebook), str(tmp), parameters={"profile": profile}, kernel_name=kernel,
+                        cwd=str(notebook.parent), progress_bar=False)
+    tmp.replace(out)
+    return out
+
+
+def run_notebooks(profile: str = "default", notebooks: list[Path] | None = None) -> list[Path]:
+    notebooks = numbered_notebooks() if notebooks is None else notebooks
+    if not notebooks:
+        print("no numbered notebooks in notebooks/ yet")
+    outputs = []
+    for nb in notebooks:
+        t0 = time.perf_counter()
+        outputs.append(run_notebook(nb, profile))
+        print(f"executed {nb.name} [{profile}] in {time.perf_counter() - t0:.0f} s -> {outputs[-1]}")
+    return outputs

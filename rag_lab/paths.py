@@ -1,0 +1,22 @@
+"""Where the repository's data and results live (overridable for installed copies)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_dir() -> Path:
+    """Built benchmarks: `$RAG_LAB_DATA_DIR` or `<repo>/data`."""
+    return Path(os.environ.get("RAG_LAB_DATA_DIR", REPO_ROOT / "data"))
+
+
+def results_dir() -> Path:
+    """Results tables and run folders: `$RAG_LAB_RESULTS_DIR` or `<repo>/results`."""
+    return Path(os.environ.get("RAG_LAB_RESULTS_DIR", REPO_ROOT / "results"))
+
+
+def source_data_dir() -> Path:
+    """Raw sources for building nq-mini: `$RAG_LAB_SOURCE_DATA` or `<repo>/../shared/data`."""
+    return Path(os.environ.get("RAG_LAB_SOURCE_DATA", REPO_ROOT.parent / "shared" / "data"))
