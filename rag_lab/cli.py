@@ -27,6 +27,15 @@ def _reproduce(args: argparse.Namespace) -> None:
     run_notebooks(profile=args.profile)
 
 
+def _retrieval(args: argparse.Namespace) -> None:
+    from rag_lab.config import RetrievalStudyConfig
+    from rag_lab.retrieval_eval import run_retrieval_study
+
+    cfg = load_experiment(args.experiment, profile=args.profile, cls=RetrievalStudyConfig)
+    result = run_retrieval_study(cfg, profile=args.profile)
+    print(result.table.to_string(index=False, max_colwidth=40))
+
+
 def _config_help(args: argparse.Namespace) -> None:
     print("\n".join(config_help()))
 
@@ -50,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="validate the data and execute every numbered notebook")
     p.add_argument("--profile", choices=PROFILES, default="default")
     p.set_defaults(func=_reproduce)
+
+    p = sub.add_parser("retrieval", help="compare retrievers by answer recall@k (results/retrieval.*)")
+    p.add_argument("experiment", type=Path, nargs="?", default=Path("experiments/retrieval.yaml"))
+    p.add_argument("--profile", choices=PROFILES, default="default")
+    p.set_defaults(func=_retrieval)
 
     p = sub.add_parser("config-help", help="list every experiment config key with its default and help")
     p.set_defaults(func=_config_help)

@@ -148,6 +148,34 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class RetrieverTrainingConfig:
+    base_encoder: str = _help("encoder to start from", "all-minilm-l6-v2")
+    output: str = _help("where the fine-tuned encoder is saved (relative paths: from the repo root)", "cache/models/minilm-nq-mini")
+    epochs: float = _help("passes over the mined (question, positive, hard negative) triples", 1.0)
+    batch_size: int = _help("triples per batch (in-batch negatives grow with it)", 32)
+    learning_rate: float = _help("peak learning rate", 2e-5)
+    n_hard_negatives: int = _help("BM25 hard negatives per question", 1)
+    mining_depth: int = _help("BM25 depth searched for positives and hard negatives", 100)
+    seed: int = _help("training seed", 0)
+
+
+@dataclass
+class RetrievalStudyConfig:
+    """The retriever comparison of notebook 01: answer recall@k of several retrievers."""
+
+    name: str = _help("study name", "retrieval")
+    data: DataConfig = _help("data", factory=DataConfig)
+    retrievers: dict[str, RetrieverConfig] = _help("name -> retriever config, one table row each", factory=dict)
+    ks: list[int] = _help("recall@k cut-offs reported in the table", factory=lambda: [1, 5, 10, 20, 100])
+    depth: int = _help("passages retrieved per question (>= max ks)", 100)
+    train_retriever: RetrieverTrainingConfig = _help("fine-tuning of the dense retriever", factory=RetrieverTrainingConfig)
+
+    def __post_init__(self):
+        if not self.ks or min(self.ks) <= 0 or max(self.ks) > self.depth:
+            raise ConfigError(f"ks must be positive and <= depth ({self.depth}), got {self.ks}")
+
+
 # ---------------------------------------------------------------- loading
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -165,7 +193,7 @@ def _type_ok(value: Any, tp: Any) -> bool:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
     if origin is dict:
-        return isinstance(value, dict)
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
     if tp is float:  # YAML writes 1 for 1.0; bool is not a number here
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -189,6 +217,10 @@ def from_dict(cls: type, data: Any, where: str = "", section: str = ""):
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value, where, keypath)
+        elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{keypath}' must be a mapping of name -> {typing.get_args(tp)[1].__name__}")
+            kwargs[key] = {str(k): from_dict(typing.get_args(tp)[1], v or {}, where, f"{keypath}.{k}") for k, v in value.items()}
         elif not _type_ok(value, tp):
             raise ConfigError(f"{where}: '{keypath}' = {value!r} is not of type {_type_name(tp)}")
         else:
@@ -213,7 +245,7 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_experiment(path: str | Path, profile: str = "default") -> ExperimentConfig:
+def load_experiment(path: str | Path, profile: str = "default", cls: type = ExperimentConfig):
     """Load an experiment YAML (yaml.safe_load) and apply the overrides of `profile`.
 
     `profiles:` maps a profile name (smoke / default / full) to a partial config; the
@@ -237,7 +269,7 @@ def load_experiment(path: str | Path, profile: str = "default") -> ExperimentCon
         raise ConfigError(f"{path}: 'profiles' keys must be among {', '.join(PROFILES)}, got {list(profiles)}")
     raw.setdefault("name", path.stem)
     merged = _deep_merge(raw, profiles.get(profile) or {})
-    return from_dict(ExperimentConfig, merged, where=str(path))
+    return from_dict(cls, merged, where=str(path))
 
 
 def config_help(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:

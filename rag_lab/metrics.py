@@ -110,9 +110,23 @@ def has_answer(answers: Sequence[str], text: str) -> bool:
     DPR itself tokenises with its regex SimpleTokenizer after NFD; we use the SQuAD
     normalisation so retrieval hits and reader answer_match agree with each other.
     """
-    # The _contains_span test, with the (long) passage normalised and padded once for all golds.
-    haystack = f" {normalize_answer(text)} "
-    return any(f" {' '.join(g)} " in haystack for g in _gold_tokens(answers))
+    return has_answer_normalized(gold_spans(answers), padded_normalized(text))
+
+
+def gold_spans(answers: Sequence[str]) -> list[str]:
+    """The golds as padded normalised strings (" december 1972 "), empty ones dropped:
+    compute once per question when checking it against many passages."""
+    return [f" {' '.join(g)} " for g in _gold_tokens(answers)]
+
+
+def padded_normalized(text: str) -> str:
+    """A passage normalised and padded once, for `has_answer_normalized` (the _contains_span test)."""
+    return f" {normalize_answer(text)} "
+
+
+def has_answer_normalized(golds: Sequence[str], passage: str) -> bool:
+    """`has_answer` on pre-normalised inputs from `gold_spans` and `padded_normalized`."""
+    return any(g in passage for g in golds)
 
 
 def score_predictions(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:

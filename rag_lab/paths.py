@@ -20,3 +20,17 @@ def results_dir() -> Path:
 def source_data_dir() -> Path:
     """Raw sources for building nq-mini: `$RAG_LAB_SOURCE_DATA` or `<repo>/../shared/data`."""
     return Path(os.environ.get("RAG_LAB_SOURCE_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def profile_results_dir(profile: str) -> Path:
+    """The default profile writes the committed tables in results/; others write results/<profile>/."""
+    return results_dir() if profile == "default" else results_dir() / profile
+
+
+def repo_path(path: str) -> str:
+    """A relative path that exists under the repo root resolves there (configs say
+    `cache/models/x`, whatever the working directory); anything else is returned as is."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
+        return str(REPO_ROOT / p)
+    return path

@@ -1,0 +1,34 @@
+"""Seeded subsets for smaller profiles: questions, and a corpus that still holds answers."""
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from rag_lab.data.records import Passage, QAExample
+from rag_lab.metrics import gold_spans, has_answer_normalized, padded_normalized
+
+
+def subset_questions(questions: Sequence[QAExample], n: int | None, seed: int = 0) -> list[QAExample]:
+    """A seeded random subset of n questions, kept in the original order (all when n is None)."""
+    if n is None or n >= len(questions):
+        return list(questions)
+    keep = set(random.Random(seed).sample(range(len(questions)), n))
+    return [q for i, q in enumerate(questions) if i in keep]
+
+
+def subset_corpus(passages: Sequence[Passage], questions: Sequence[QAExample], n: int | None, seed: int = 0) -> list[Passage]:
+    """n passages: up to half of them ones that hold an answer to `questions` (so a small profile
+    still has something to find), the rest a seeded random sample; original order kept."""
+    if n is None or n >= len(passages):
+        return list(passages)
+    golds = [gold_spans(q.answers) for q in questions]
+    with_answer = []
+    for i, p in enumerate(passages):
+        text = padded_normalized(f"{p.title} {p.text}")
+        if any(has_answer_normalized(g, text) for g in golds):
+            with_answer.append(i)
+    rng = random.Random(seed)
+    chosen = set(rng.sample(with_answer, min(len(with_answer), n // 2)))
+    rest = [i for i in range(len(passages)) if i not in chosen]
+    chosen |= set(rng.sample(rest, n - len(chosen)))
+    return [p for i, p in enumerate(passages) if i in chosen]

@@ -1,0 +1,56 @@
+"""Results tables: rows upserted into a CSV (under a file lock) and rendered to Markdown.
+
+Several runs may update one table at once; the lock makes each read-modify-write whole,
+and the atomic write means a reader never sees half a table.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+from filelock import FileLock
+
+from rag_lab.io import atomic_write_text
+
+
+def upsert_rows(csv_path: str | Path, rows: Sequence[dict], key: Sequence[str], title: str = "", note: str = "",
+                render: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pd.DataFrame:
+    """Insert or replace `rows` (matched on the `key` columns) in `csv_path`; rewrite the .md beside it
+    (through `render`, which turns the numeric table into the one people read)."""
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(csv_path) + ".lock"):
+        table = pd.read_csv(csv_path, keep_default_na=False) if csv_path.exists() else pd.DataFrame()
+        new = pd.DataFrame(list(rows))
+        if not table.empty:
+            new_keys = set(map(tuple, new[list(key)].astype(str).values))
+            keep = [tuple(r) not in new_keys for r in table[list(key)].astype(str).values]
+            table = table[keep]
+        table = pd.concat([table, new], ignore_index=True) if not table.empty else new
+        buf = io.StringIO()
+        table.to_csv(buf, index=False)
+        atomic_write_text(csv_path, buf.getvalue())
+        shown = render(table) if render else table
+        atomic_write_text(csv_path.with_suffix(".md"), to_markdown(shown, title, note))
+    return table
+
+
+def to_markdown(table: pd.DataFrame, title: str = "", note: str = "") -> str:
+    """A GitHub-flavoured Markdown table (no tabulate dependency)."""
+    head = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
+    body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    parts = ([f"# {title}", ""] if title else []) + ([note, ""] if note else []) + [head, rule, *body]
+    return "\n".join(parts) + "\n"
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def load_table(csv_path: str | Path) -> pd.DataFrame:
+    return pd.read_csv(csv_path, keep_default_na=False)

@@ -1,0 +1,229 @@
+"""Answer recall@k of a retriever, with bootstrap CIs, on the full eval set and the
+answer-in-corpus subset; rows for results/retrieval.{csv,md}."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from rag_lab.data.records import Passage, QAExample
+from rag_lab.metrics import answer_recall_at_k, bootstrap_ci, format_ci, gold_spans, has_answer_normalized, padded_normalized
+from rag_lab.retrievers.base import Hit, passage_text
+
+KS = (1, 5, 10, 20, 100)
+
+
+class PassageAnswerChecker:
+    """has_answer(question, passage) with each passage normalised once, however often it is retrieved."""
+
+    def __init__(self, passages: Sequence[Passage]):
+        self.by_id = {p.id: p for p in passages}
+        self._normalized: dict[str, str] = {}
+
+    def text(self, passage_id: str) -> str:
+        if passage_id not in self._normalized:
+            self._normalized[passage_id] = padded_normalized(passage_text(self.by_id[passage_id]))
+        return self._normalized[passage_id]
+
+    def matrix(self, questions: Sequence[QAExample], hits: Sequence[Sequence[Hit]]) -> np.ndarray:
+        """(n_questions, max hits) bool: does the passage at each rank hold a gold answer?"""
+        width = max((len(h) for h in hits), default=0)
+        out = np.zeros((len(questions), width), dtype=bool)
+        for i, (q, row) in enumerate(zip(questions, hits)):
+            golds = gold_spans(q.answers)
+            for j, h in enumerate(row):
+                out[i, j] = has_answer_normalized(golds, self.text(h.passage_id))
+        return out
+
+
+@dataclass
+class RetrievalEval:
+    """Per-question answer hits of one retriever on one question set."""
+
+    name: str
+    eval_set: str
+    question_ids: list[str]
+    matrix: np.ndarray  # (n, depth) bool
+    in_corpus: np.ndarray  # (n,) bool: some gold occurs anywhere in the corpus
+
+    def recall(self, ks: Sequence[int] = KS, subset: bool = False) -> dict[int, np.ndarray]:
+        m = self.matrix[self.in_corpus] if subset else self.matrix
+        return answer_recall_at_k(m, ks)
+
+
+def evaluate_hits(name: str, eval_set: str, questions: Sequence[QAExample], hits, checker: PassageAnswerChecker) -> RetrievalEval:
+    in_corpus = np.array([bool(q.answer_in_corpus) for q in questions])
+    return RetrievalEval(name, eval_set, [q.id for q in questions], checker.matrix(questions, hits), in_corpus)
+
+
+def recall_row(ev: RetrievalEval, config: str, ks: Sequence[int] = KS, seed: int = 0) -> dict:
+    """One table row: numeric mean/low/high columns (CSV) for the full set and the subset."""
+    row = {"retriever": ev.name, "config": config, "eval_set": ev.eval_set, "n": len(ev.question_ids),
+           "n_answer_in_corpus": int(ev.in_corpus.sum())}
+    for subset, suffix in ((False, ""), (True, "_in_corpus")):
+        if subset and not ev.in_corpus.any():
+            continue
+        for k, values in ev.recall(ks, subset).items():
+            mean, low, high = bootstrap_ci(values, seed=seed)
+            row[f"R@{k}{suffix}"], row[f"R@{k}{suffix}_low"], row[f"R@{k}{suffix}_high"] = mean, low, high
+    return row
+
+
+def recall_curve(ev: RetrievalEval, ks: Sequence[int] | None = None, subset: bool = False, seed: int = 0) -> pd.DataFrame:
+    """recall@k with a 95% CI for every k (for the curves in notebook 01)."""
+    ks = list(ks or range(1, ev.matrix.shape[1] + 1))
+    rows = [(k, *bootstrap_ci(v, seed=seed)) for k, v in ev.recall(ks, subset).items()]
+    return pd.DataFrame(rows, columns=["k", "recall", "low", "high"]).assign(retriever=ev.name)
+
+
+def display_table(table: pd.DataFrame, ks: Sequence[int] = KS) -> pd.DataFrame:
+    """The CSV's numeric columns folded into 'mean [low, high]' strings for reading."""
+    out = table[["retriever", "eval_set", "n"]].copy()
+    for k in ks:
+        out[f"R@{k}"] = [format_ci(m, l, h) for m, l, h in zip(table[f"R@{k}"], table[f"R@{k}_low"], table[f"R@{k}_high"])]
+    out["n (answer in corpus)"] = table["n_answer_in_corpus"]
+    for k in ks:
+        col = f"R@{k}_in_corpus"
+        if col in table:
+            out[f"{col.replace('_in_corpus', '')} (in corpus)"] = [
+                format_ci(m, l, h) if m != "" else "" for m, l, h in zip(table[col], table[f"{col}_low"], table[f"{col}_high"])]
+    out["config"] = table["config"]
+    return out
+
+
+# ---------------------------------------------------------------- the study of notebook 01
+
+@dataclass
+class StudyResult:
+    table: pd.DataFrame  # every row of the results table (this study's and earlier ones)
+    rows: pd.DataFrame  # this study's rows only
+    evals: dict[str, RetrievalEval]
+    hits: dict[str, list[list[Hit]]]
+    questions: list[QAExample]
+    passages: list[Passage]
+    timings: dict[str, float]
+
+
+def eval_set_name(cfg_data, n: int) -> str:
+    return f"{cfg_data.dataset}/{cfg_data.eval_split} n={n} seed={cfg_data.subset_seed}"
+
+
+def load_study_data(data_cfg) -> tuple[list[QAExample], list[Passage]]:
+    from rag_lab.data import load_corpus, load_qa
+    from rag_lab.data.subsets import subset_corpus, subset_questions
+
+    questions = subset_questions(load_qa(data_cfg.dataset, data_cfg.eval_split), data_cfg.n_eval, data_cfg.subset_seed)
+    passages = subset_corpus(load_corpus(data_cfg.corpus), questions, data_cfg.n_corpus, data_cfg.subset_seed)
+    return questions, passages
+
+
+def run_retrieval_study(cfg, profile: str = "default", cache_dir: Path | None = None, show_progress: bool = True) -> StudyResult:
+    """Train the dense retriever if a config needs it, retrieve for every configured retriever
+    (results cached), score answer recall@k, and upsert one row each into results/retrieval.*"""
+    import dataclasses
+    import time
+
+    from rag_lab.paths import profile_results_dir, repo_path
+    from rag_lab.results import upsert_rows
+    from rag_lab.retrievers import build_retriever, cached_retrieve
+
+    questions, passages = load_study_data(cfg.data)
+    checker, eval_set = PassageAnswerChecker(passages), eval_set_name(cfg.data, len(questions))
+    evals, hits, rows, timings = {}, {}, [], {}
+    for name, rcfg in cfg.retrievers.items():
+        t0 = time.perf_counter()
+        if rcfg.kind in ("dense", "hybrid") and rcfg.encoder == cfg.train_retriever.output:
+            ensure_trained_retriever(cfg, passages, cache_dir, show_progress)
+        rcfg = dataclasses.replace(rcfg, encoder=repo_path(rcfg.encoder))
+        retriever = build_retriever(rcfg, passages, cache_dir=cache_dir, show_progress=show_progress)
+        hits[name] = cached_retrieve(retriever, questions, cfg.depth, cache_dir)
+        evals[name] = evaluate_hits(name, eval_set, questions, hits[name], checker)
+        timings[name] = time.perf_counter() - t0
+        rows.append(recall_row(evals[name], describe(rcfg), cfg.ks))
+    table = upsert_rows(profile_results_dir(profile) / "retrieval.csv", rows, key=("retriever", "eval_set"),
+                        title="Answer recall@k of each retriever",
+                        note=("Produced by `rag-lab retrieval experiments/retrieval.yaml` (notebook 01). "
+                              "95% bootstrap CIs (1,000 resamples); 'in corpus' = questions whose answer occurs somewhere in the corpus."),
+                        render=lambda t: display_table(t, cfg.ks))
+    return StudyResult(table, pd.DataFrame(rows), evals, hits, questions, passages, timings)
+
+
+def describe(rcfg) -> str:
+    """A short human-readable summary of a retriever config for the table."""
+    if rcfg.kind == "bm25":
+        return f"bm25s k1={rcfg.k1} b={rcfg.b} stopwords={rcfg.stopwords} stemmer={rcfg.stemmer}"
+    dense = f"{Path(rcfg.encoder).name} max_len={rcfg.max_length} faiss={rcfg.index_factory}"
+    if rcfg.kind == "dense":
+        return dense
+    fusion = f"rrf k={rcfg.rrf_k}" if rcfg.fusion == "rrf" else f"weighted w_dense={rcfg.dense_weight}"
+    return f"bm25 + {dense}, {fusion}"
+
+
+def ensure_trained_retriever(cfg, passages: Sequence[Passage], cache_dir=None, show_progress: bool = True) -> Path:
+    """Fine-tune the dense retriever on the train split unless a model trained with this exact
+    config (recorded in rag_lab_training.json) is already at `train_retriever.output`."""
+    import dataclasses
+    import json
+
+    from rag_lab.data import load_qa
+    from rag_lab.data.subsets import subset_questions
+    from rag_lab.io import write_json
+    from rag_lab.paths import REPO_ROOT
+    from rag_lab.retrievers import BM25Retriever
+    from rag_lab.training.retriever import mine_training_pairs, train_dense_retriever
+
+    tcfg = cfg.train_retriever
+    out = Path(tcfg.output) if Path(tcfg.output).is_absolute() else REPO_ROOT / tcfg.output
+    record = {"train_retriever": dataclasses.asdict(tcfg), "data": dataclasses.asdict(cfg.data), "n_passages": len(passages)}
+    marker = out / "rag_lab_training.json"
+    if marker.exists() and json.loads(marker.read_text())["config"] == record:
+        return out
+    train = subset_questions(load_qa(cfg.data.dataset, cfg.data.train_split), cfg.data.n_train, cfg.data.subset_seed)
+    bm25 = BM25Retriever(passages, cache_dir=cache_dir, show_progress=show_progress)
+    pairs, stats = mine_training_pairs(train, passages, bm25, depth=tcfg.mining_depth, n_hard_negatives=tcfg.n_hard_negatives)
+    result = train_dense_retriever(tcfg.base_encoder, pairs, out, epochs=tcfg.epochs, batch_size=tcfg.batch_size,
+                                   learning_rate=tcfg.learning_rate, seed=tcfg.seed)
+    write_json(marker, {"config": record, "mining": stats, "training": _jsonable(result)})
+    return out
+
+
+def _jsonable(obj):
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
+def worked_examples(study: StudyResult, retriever: str, n: int = 3, top: int = 3) -> list[dict]:
+    """n questions (first with the answer in the top passages, first without, first with it
+    only deeper down), each with its top passages and whether each holds a gold answer."""
+    ev, by_id = study.evals[retriever], {p.id: p for p in study.passages}
+    found_top = ev.matrix[:, :top].any(axis=1)
+    found_deeper = ev.matrix.any(axis=1) & ~found_top
+    picks = []
+    for mask in (found_top, ~ev.matrix.any(axis=1), found_deeper):
+        idx = next((i for i in range(len(mask)) if mask[i] and i not in picks), None)
+        if idx is not None:
+            picks.append(idx)
+    out = []
+    for i in picks[:n]:
+        q = study.questions[i]
+        passages = [{"rank": h.rank, "score": round(h.score, 3), "has_answer": bool(ev.matrix[i, h.rank - 1]),
+                     "title": by_id[h.passage_id].title, "text": by_id[h.passage_id].text}
+                    for h in study.hits[retriever][i][:top]]
+        first = int(ev.matrix[i].argmax()) + 1 if ev.matrix[i].any() else None
+        out.append({"id": q.id, "question": q.question, "answers": list(q.answers),
+                    "first_rank_with_answer": first, "passages": passages})
+    return out
+
+
+def format_example(example: dict, width: int = 220) -> str:
+    lines = [f"Q [{example['id']}]: {example['question']}", f"   gold: {example['answers']}",
+             f"   first rank holding an answer: {example['first_rank_with_answer']}"]
+    for p in example["passages"]:
+        mark = "✔" if p["has_answer"] else "✘"
+        text = p["text"] if len(p["text"]) <= width else p["text"][:width] + "…"
+        lines.append(f"   {mark} #{p['rank']} ({p['score']}) {p['title']}: {text}")
+    return "\n".join(lines)

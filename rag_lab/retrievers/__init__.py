@@ -1,0 +1,40 @@
+"""Retrievers with one interface: `retrieve(questions, k) -> list[list[Hit]]`.
+
+    bm25 = BM25Retriever(passages)                       # bm25s, index cached by hash
+    dense = DenseRetriever(passages, "all-minilm-l6-v2")  # FAISS over cached embeddings
+    hybrid = HybridRetriever(bm25, dense)                # reciprocal-rank fusion
+    hits = cached_retrieve(hybrid, questions, k=20)      # results cached per question set
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from rag_lab.data.records import Passage
+from rag_lab.retrievers.base import Hit, Retriever, passage_text
+from rag_lab.retrievers.bm25 import BM25Retriever
+from rag_lab.retrievers.cache import cached_retrieve
+from rag_lab.retrievers.dense import DenseRetriever, build_faiss_index
+from rag_lab.retrievers.hybrid import HybridRetriever, rrf_fuse, weighted_fuse
+
+
+def build_retriever(cfg, passages: Sequence[Passage], cache_dir=None, show_progress: bool = True):
+    """A retriever from a `RetrieverConfig` (kind: bm25 | dense | hybrid)."""
+    def bm25():
+        return BM25Retriever(passages, cfg.k1, cfg.b, cfg.stopwords, cfg.stemmer, cache_dir, show_progress)
+
+    def dense():
+        return DenseRetriever(passages, cfg.encoder, cfg.query_prefix, cfg.passage_prefix, cfg.max_length,
+                              cfg.index_factory, cfg.search_params, cfg.encode_batch_size, cache_dir, show_progress)
+
+    builders = {
+        "bm25": bm25,
+        "dense": dense,
+        "hybrid": lambda: HybridRetriever(bm25(), dense(), cfg.fusion, cfg.rrf_k, cfg.dense_weight),
+    }
+    if cfg.kind not in builders:
+        raise ValueError(f"retriever.kind {cfg.kind!r} builds no retriever; kinds: {', '.join(builders)}")
+    return builders[cfg.kind]()
+
+
+__all__ = ["Hit", "Retriever", "BM25Retriever", "DenseRetriever", "HybridRetriever", "build_retriever",
+           "build_faiss_index", "cached_retrieve", "passage_text", "rrf_fuse", "weighted_fuse"]

@@ -1,0 +1,180 @@
+"""Retrievers on a tiny corpus: BM25, dense (tiny random encoder + FAISS), hybrid fusion, caches, bad input."""
+import numpy as np
+import pytest
+import torch
+
+from rag_lab.data.records import Passage, QAExample
+from rag_lab.io import DataError
+from rag_lab.retrieval_eval import PassageAnswerChecker, evaluate_hits, recall_row
+from rag_lab.retrievers import BM25Retriever, DenseRetriever, HybridRetriever, Hit, build_faiss_index, cached_retrieve, rrf_fuse, weighted_fuse
+from tiny_models import make_tiny_tokenizer
+
+PASSAGES = [
+    Passage("Paris#0", "Paris", "Paris is the capital city of France"),
+    Passage("Berlin#0", "Berlin", "Berlin is the capital city of Germany"),
+    Passage("Rhine#0", "Rhine", "The Rhine river flows through Germany and France"),
+    Passage("Alps#0", "Alps", "The Alps mountain range"),
+    Passage("Louis XIV#0", "Louis XIV", "Louis XIV was king of France, born in the year 1638"),
+    Passage("Seine#0", "Seine", "The Seine river flows through Paris"),
+]
+Q = [QAExample("q0", "what is the capital of France", ("Paris",)),
+     QAExample("q1", "which river flows through Paris", ("Seine",)),
+     QAExample("q2", "who was king of France", ("Louis XIV",))]
+
+
+def make_tiny_encoder(path, seed=0):
+    """A 2-layer random BERT with mean pooling, saved where SentenceTransformer can load it."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = make_tiny_tokenizer()
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def encoder(tmp_path):
+    return make_tiny_encoder(tmp_path / "encoder")
+
+
+# ---------------------------------------------------------------- BM25
+
+def test_bm25_ranks_the_matching_passage_first(tmp_path):
+    bm25 = BM25Retriever(PASSAGES, cache_dir=tmp_path, show_progress=False)
+    hits = bm25.retrieve(Q, k=2)
+    assert [h[0].passage_id for h in hits] == ["Paris#0", "Seine#0", "Louis XIV#0"]
+    assert all([x.rank for x in h] == [1, 2] and h[0].score >= h[1].score for h in hits)
+
+
+def test_k_beyond_corpus_returns_every_passage_ranked(tmp_path):
+    hits = BM25Retriever(PASSAGES, cache_dir=tmp_path, show_progress=False).retrieve(Q[:1], k=50)[0]
+    assert sorted(h.passage_id for h in hits) == sorted(p.id for p in PASSAGES)
+    assert [h.rank for h in hits] == list(range(1, len(PASSAGES) + 1))
+
+
+@pytest.mark.parametrize("k", [0, -3, 2.5])
+def test_bad_k_is_an_error(tmp_path, k):
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        BM25Retriever(PASSAGES, cache_dir=tmp_path, show_progress=False).retrieve(Q, k=k)
+
+
+def test_empty_question_names_its_id(tmp_path):
+    bm25 = BM25Retriever(PASSAGES, cache_dir=tmp_path, show_progress=False)
+    with pytest.raises(DataError, match="question 'q-empty' is empty"):
+        bm25.retrieve([Q[0], QAExample("q-empty", "  ", ("x",))], k=2)
+
+
+def test_bm25_index_cache_hit_and_invalidation(tmp_path):
+    first = BM25Retriever(PASSAGES, cache_dir=tmp_path, show_progress=False)
+    again = BM25Retriever(PASSAGES, cache_dir=tmp_path, show_progress=False)
+    assert (first.cache_hit, again.cache_hit) == (False, True)
+    assert again.retrieve(Q, 3) == first.retrieve(Q, 3)
+    changed = PASSAGES[:-1] + [Passage("Seine#0", "Seine", "The Seine is a river in northern France")]
+    assert BM25Retriever(changed, cache_dir=tmp_path, show_progress=False).cache_hit is False
+    assert BM25Retriever(PASSAGES, k1=1.2, cache_dir=tmp_path, show_progress=False).cache_hit is False
+
+
+# ---------------------------------------------------------------- dense
+
+def test_dense_matches_brute_force(tmp_path, encoder):
+    dense = DenseRetriever(PASSAGES, encoder=encoder, cache_dir=tmp_path, show_progress=False)
+    hits = dense.retrieve(Q, k=3)
+    queries = dense.encode([q.question for q in Q])
+    scores = queries @ dense.embeddings.T
+    position = {p.id: i for i, p in enumerate(PASSAGES)}
+    for row, h in zip(scores, hits):
+        # the top-3 scores equal brute force's, and each hit carries its passage's own score (ties may swap ids)
+        np.testing.assert_allclose([x.score for x in h], np.sort(row)[::-1][:3], rtol=1e-5)
+        np.testing.assert_allclose([x.score for x in h], [row[position[x.passage_id]] for x in h], rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(dense.embeddings, axis=1), 1.0, rtol=1e-5)
+
+
+def test_dense_cache_hit_and_invalidation(tmp_path, encoder):
+    DenseRetriever(PASSAGES, encoder=encoder, cache_dir=tmp_path, show_progress=False)
+    again = DenseRetriever(PASSAGES, encoder=encoder, cache_dir=tmp_path, show_progress=False)
+    assert again.cache_hit == {"embeddings": True, "index": True}
+    other_encoder = make_tiny_encoder(tmp_path / "encoder2", seed=1)
+    assert DenseRetriever(PASSAGES, encoder=other_encoder, cache_dir=tmp_path, show_progress=False).cache_hit["embeddings"] is False
+    assert DenseRetriever(PASSAGES[:4], encoder=encoder, cache_dir=tmp_path, show_progress=False).cache_hit["embeddings"] is False
+    # retraining into the same folder changes the weights: the cache must not be reused
+    make_tiny_encoder(encoder, seed=2)
+    assert DenseRetriever(PASSAGES, encoder=encoder, cache_dir=tmp_path, show_progress=False).cache_hit["embeddings"] is False
+    # a new index type over the same embeddings reuses the embeddings only
+    hnsw = DenseRetriever(PASSAGES, encoder=encoder, index_factory="HNSW8", cache_dir=tmp_path, show_progress=False)
+    assert hnsw.cache_hit == {"embeddings": True, "index": False}
+
+
+def test_faiss_factories():
+    vecs = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    flat = build_faiss_index(vecs, "Flat")
+    for factory in ("HNSW16", "IVF4,Flat"):
+        index = build_faiss_index(vecs, factory)
+        assert index.ntotal == 64
+        if factory.startswith("IVF"):
+            index.nprobe = 4  # all lists: exact
+            assert (index.search(vecs[:5], 3)[1] == flat.search(vecs[:5], 3)[1]).all()
+    with pytest.raises(ValueError, match=r"FAISS rejected index_factory string 'NotAnIndex42'"):
+        build_faiss_index(vecs, "NotAnIndex42")
+
+
+# ---------------------------------------------------------------- hybrid and caches
+
+def test_rrf_against_hand_computed_example():
+    a = [Hit("x", 9.0, 1), Hit("y", 5.0, 2), Hit("z", 1.0, 3)]
+    b = [Hit("z", 0.9, 1), Hit("x", 0.8, 2), Hit("w", 0.1, 3)]
+    fused = dict(rrf_fuse([a, b], rrf_k=60))
+    assert fused["x"] == pytest.approx(1 / 61 + 1 / 62)
+    assert fused["z"] == pytest.approx(1 / 63 + 1 / 61)
+    assert fused["y"] == pytest.approx(1 / 62) and fused["w"] == pytest.approx(1 / 63)
+    assert [pid for pid, _ in rrf_fuse([a, b], 60)] == ["x", "z", "y", "w"]
+
+
+def test_weighted_fusion_hand_computed():
+    a = [Hit("x", 10.0, 1), Hit("y", 0.0, 2)]
+    b = [Hit("y", 1.0, 1), Hit("z", 0.5, 2)]
+    fused = dict(weighted_fuse(a, b, weight_second=0.25))
+    assert fused == pytest.approx({"x": 0.75, "y": 0.25, "z": 0.0})
+
+
+def test_hybrid_retriever_and_result_cache(tmp_path, encoder):
+    bm25 = BM25Retriever(PASSAGES, cache_dir=tmp_path, show_progress=False)
+    dense = DenseRetriever(PASSAGES, encoder=encoder, cache_dir=tmp_path, show_progress=False)
+    hybrid = HybridRetriever(bm25, dense, depth=len(PASSAGES))
+    hits = hybrid.retrieve(Q, k=3)
+    expected = rrf_fuse([bm25.retrieve(Q[:1], 6)[0], dense.retrieve(Q[:1], 6)[0]])[:3]
+    assert [(h.passage_id, h.score) for h in hits[0]] == expected
+
+    calls = []
+
+    class Counting:
+        passages = PASSAGES
+
+        def fingerprint(self):
+            return hybrid.fingerprint()
+
+        def retrieve(self, questions, k):
+            calls.append(k)
+            return hybrid.retrieve(questions, k)
+
+    first = cached_retrieve(Counting(), Q, 3, cache_dir=tmp_path)
+    second = cached_retrieve(Counting(), Q, 3, cache_dir=tmp_path)
+    assert first == second == hits and calls == [3]
+    cached_retrieve(Counting(), Q[:2], 3, cache_dir=tmp_path)  # another question set: a new entry
+    assert calls == [3, 3]
+
+
+def test_recall_rows_on_a_hand_built_example():
+    questions = [QAExample("a", "q", ("Paris",), True), QAExample("b", "q", ("Seine",), True),
+                 QAExample("c", "q", ("Tokyo",), False)]
+    hits = [[Hit("Berlin#0", 1, 1), Hit("Paris#0", 0.5, 2)], [Hit("Seine#0", 1, 1), Hit("Alps#0", 0.1, 2)],
+            [Hit("Alps#0", 1, 1), Hit("Rhine#0", 0.5, 2)]]
+    ev = evaluate_hits("toy", "toy n=3", questions, hits, PassageAnswerChecker(PASSAGES))
+    assert ev.matrix.tolist() == [[False, True], [True, False], [False, False]]
+    row = recall_row(ev, "cfg", ks=[1, 2])
+    assert row["R@1"] == pytest.approx(1 / 3) and row["R@2"] == pytest.approx(2 / 3)
+    assert row["R@1_in_corpus"] == pytest.approx(0.5) and row["R@2_in_corpus"] == pytest.approx(1.0)
+    assert row["n"] == 3 and row["n_answer_in_corpus"] == 2
