@@ -1,0 +1,39 @@
+"""Generators with one interface: `generate(examples, contexts=None) -> list[prediction dict]`.
+
+    gen = build_generator(cfg.generator, train_examples)   # from an experiment config
+    preds = gen.generate(questions)                         # closed-book
+    preds = gen.generate(questions, contexts=passages)      # RAG: one passage list per question
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from rag_lab.data.records import QAExample
+from rag_lab.generators.hf import DecoderGenerator, HFGenerator, Seq2SeqGenerator, length_sorted_batches
+from rag_lab.generators.postprocess import clean_answer
+from rag_lab.generators.prompts import Prompt, PromptBuilder, sample_demonstrations
+
+
+def build_generator(cfg, train: Sequence[QAExample] = (), seed: int = 0, model_path: str | None = None):
+    """A generator from a `GeneratorConfig`; demonstrations are drawn from `train` with `seed`."""
+    from rag_lab import models
+    from rag_lab.paths import repo_path
+
+    name = repo_path(model_path or cfg.model)
+    if cfg.kind == "extractive":
+        from rag_lab.generators.extractive import ExtractiveReader
+
+        return ExtractiveReader(name, batch_size=cfg.batch_size)
+    loaders = {"decoder": (models.load_causal_lm, DecoderGenerator), "seq2seq": (models.load_seq2seq_lm, Seq2SeqGenerator)}
+    if cfg.kind not in loaders:
+        raise ValueError(f"generator.kind {cfg.kind!r}: kinds are {', '.join([*loaders, 'extractive'])}")
+    load, cls = loaders[cfg.kind]
+    model, tokenizer = load(name)
+    builder = PromptBuilder(tokenizer, cfg.closed_book_template, cfg.rag_template, cfg.system_prompt,
+                            sample_demonstrations(train, cfg.n_few_shot, seed), cfg.use_chat_template, cfg.max_input_tokens)
+    return cls(model, tokenizer, builder, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+               strip_prefixes=cfg.strip_prefixes)
+
+
+__all__ = ["DecoderGenerator", "Seq2SeqGenerator", "HFGenerator", "Prompt", "PromptBuilder", "build_generator",
+           "clean_answer", "length_sorted_batches", "sample_demonstrations"]

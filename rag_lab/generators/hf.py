@@ -1,0 +1,99 @@
+"""Decoder-only and encoder-decoder generators with batched greedy decoding.
+
+Prompts are sorted by length and batched so padding stays small (left padding for
+decoder-only models, whose continuation must start right after the prompt). Decoding is
+greedy (reported numbers are never sampled) and stops at the end of the first line.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from rag_lab.data.records import Passage, QAExample
+from rag_lab.generators.postprocess import clean_answer
+from rag_lab.generators.prompts import Prompt, PromptBuilder
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first, ties by index: deterministic)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class HFGenerator:
+    """Shared by both families: prompt building, batching, greedy decoding, post-processing."""
+
+    is_decoder_only: bool = True
+
+    def __init__(self, model, tokenizer, prompt_builder: PromptBuilder, max_new_tokens: int = 16,
+                 batch_size: int = 16, strip_prefixes: Sequence[str] = ("the answer is", "answer:"), stop_at_newline: bool = True):
+        self.model, self.tokenizer, self.builder = model.eval(), tokenizer, prompt_builder
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.strip_prefixes, self.stop_at_newline = tuple(strip_prefixes), stop_at_newline
+        self.stats = {"prompt_tokens": 0, "padded_tokens": 0}
+
+    def prompts(self, examples: Sequence[QAExample], contexts: Sequence[Sequence[Passage]] | None = None) -> list[Prompt]:
+        if contexts is None:
+            return [self.builder.closed_book(e) for e in examples]
+        if len(contexts) != len(examples):
+            raise ValueError(f"{len(examples)} examples but {len(contexts)} contexts")
+        return [self.builder.rag(e, ctx) for e, ctx in zip(examples, contexts)]
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts: Sequence[Prompt]) -> list[str]:
+        """Greedy continuations (raw text) of one batch of prompts."""
+        enc = self.tokenizer([p.text for p in prompts], return_tensors="pt", padding=True,
+                             add_special_tokens=not self.builder.use_chat)
+        self.stats["prompt_tokens"] += int(enc["attention_mask"].sum())
+        self.stats["padded_tokens"] += int(enc["attention_mask"].numel())
+        extra = {"stop_strings": ["\n"], "tokenizer": self.tokenizer} if self.stop_at_newline and self.is_decoder_only else {}
+        out = self.model.generate(**enc, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
+                                  pad_token_id=self.tokenizer.pad_token_id, **extra)
+        new_tokens = out[:, enc["input_ids"].shape[1]:] if self.is_decoder_only else out
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def predictions(self, examples: Sequence[QAExample], prompts: Sequence[Prompt], raws: Sequence[str]) -> list[dict]:
+        return [{"id": e.id, "raw": raw, "prediction": clean_answer(raw, self.strip_prefixes),
+                 "prompt_tokens": p.n_tokens, "truncated": p.truncated, "n_passages": p.n_passages}
+                for e, p, raw in zip(examples, prompts, raws)]
+
+    def generate(self, examples: Sequence[QAExample], contexts: Sequence[Sequence[Passage]] | None = None,
+                 show_progress: bool = False, on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[dict]:
+        """Predictions for every example (closed-book when `contexts` is None), in input order."""
+        prompts = self.prompts(examples, contexts)
+        raws: list[str] = [""] * len(prompts)
+        for batch in tqdm(length_sorted_batches([p.n_tokens for p in prompts], self.batch_size), desc="generate", disable=not show_progress):
+            outs = self.generate_batch([prompts[i] for i in batch])
+            for i, text in zip(batch, outs):
+                raws[i] = text
+            if on_batch:
+                on_batch(batch, outs)
+        return self.predictions(examples, prompts, raws)
+
+    @property
+    def padding_fraction(self) -> float:
+        padded = self.stats["padded_tokens"]
+        return 1.0 - self.stats["prompt_tokens"] / padded if padded else 0.0
+
+
+class DecoderGenerator(HFGenerator):
+    """Decoder-only LM (SmolLM2, Qwen, Llama...): chat template when the tokenizer has one."""
+
+    is_decoder_only = True
+
+    def __init__(self, model, tokenizer, prompt_builder: PromptBuilder, **kwargs):
+        if tokenizer.padding_side != "left":
+            raise ValueError("decoder-only batched generation needs tokenizer.padding_side == 'left'")
+        super().__init__(model, tokenizer, prompt_builder, **kwargs)
+
+
+class Seq2SeqGenerator(HFGenerator):
+    """Encoder-decoder LM (T5 / FLAN-T5 / BART): plain prompts, the decoder writes only the answer."""
+
+    is_decoder_only = False
+
+    def __init__(self, model, tokenizer, prompt_builder: PromptBuilder, **kwargs):
+        prompt_builder.use_chat = False
+        super().__init__(model, tokenizer, prompt_builder, **kwargs)

@@ -1,0 +1,22 @@
+"""From a model's raw continuation to a short answer. The raw text is always kept beside it."""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+_QUOTES = "\"'“”‘’`*"
+
+
+def clean_answer(raw: str, strip_prefixes: Sequence[str] = ("the answer is", "answer:")) -> str:
+    """First non-empty line, boilerplate prefixes removed (case-insensitive), outer quotes and a
+    final full stop stripped. "The answer is Paris." -> "Paris"."""
+    line = next((l.strip() for l in raw.splitlines() if l.strip()), "")
+    changed = True
+    while changed:  # prefixes may stack: "Answer: The answer is Paris"
+        changed = False
+        for prefix in strip_prefixes:
+            if prefix and line.lower().startswith(prefix.lower()):
+                line = line[len(prefix):].lstrip(" :,-")
+                changed = True
+    line = line.strip().strip(_QUOTES).strip()
+    return re.sub(r"[.。]+$", "", line).strip()
