@@ -36,6 +36,23 @@ def _retrieval(args: argparse.Namespace) -> None:
     print(result.table.to_string(index=False, max_colwidth=40))
 
 
+def _run(args: argparse.Namespace) -> None:
+    from rag_lab.runner import run_experiment
+
+    for path in args.experiments:
+        cfg = load_experiment(path, profile=args.profile)
+        result = run_experiment(cfg, profile=args.profile)
+        m = result.metrics["all"]
+        print(f"{cfg.name} [{args.profile}] n={m['n']}: EM {m['em']['mean']:.3f}  F1 {m['f1']['mean']:.3f}  "
+              f"match {m['match']['mean']:.3f}  ({result.timings['wall_s']:.0f} s) -> {result.run_dir}")
+
+
+def _table(args: argparse.Namespace) -> None:
+    from rag_lab.paths import profile_results_dir
+
+    print((profile_results_dir(args.profile) / "main_table.md").read_text(encoding="utf-8"))
+
+
 def _config_help(args: argparse.Namespace) -> None:
     print("\n".join(config_help()))
 
@@ -64,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", type=Path, nargs="?", default=Path("experiments/retrieval.yaml"))
     p.add_argument("--profile", choices=PROFILES, default="default")
     p.set_defaults(func=_retrieval)
+
+    p = sub.add_parser("run", help="run experiments: retrieve -> generate -> score; upsert results/main_table.*")
+    p.add_argument("experiments", nargs="+", type=Path)
+    p.add_argument("--profile", choices=PROFILES, default="default")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("table", help="print the main results table")
+    p.add_argument("--profile", choices=PROFILES, default="default")
+    p.set_defaults(func=_table)
 
     p = sub.add_parser("config-help", help="list every experiment config key with its default and help")
     p.set_defaults(func=_config_help)

@@ -98,7 +98,7 @@ class GeneratorConfig:
                               "{context}\n\nUsing the passages above, answer the question.\nQuestion: {question}\nAnswer:")
     n_few_shot: int = _help("demonstrations drawn from the train split with a fixed seed", 0)
     strip_prefixes: list[str] = _help("boilerplate removed from the start of answers",
-                                      factory=lambda: ["the answer is", "answer:"])
+                                      factory=lambda: ["the answer to the question is", "the answer is", "answer:"])
 
     def __post_init__(self):
         if "{question}" not in self.closed_book_template:
@@ -245,15 +245,7 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_experiment(path: str | Path, profile: str = "default", cls: type = ExperimentConfig):
-    """Load an experiment YAML (yaml.safe_load) and apply the overrides of `profile`.
-
-    `profiles:` maps a profile name (smoke / default / full) to a partial config; the
-    default profile is the file's top level as written.
-    """
-    path = Path(path)
-    if profile not in PROFILES:
-        raise ConfigError(f"unknown profile {profile!r}; profiles: {', '.join(PROFILES)}")
+def _read_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
@@ -264,6 +256,33 @@ def load_experiment(path: str | Path, profile: str = "default", cls: type = Expe
         raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: an experiment file must be a mapping")
+    return raw
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The file's mapping merged over its `base:` file (a path relative to it), recursively."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' files form a cycle")
+    raw = _read_yaml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a path to another YAML file")
+    return _deep_merge(_read_with_bases(path.parent / base, seen + (path.resolve(),)), raw)
+
+
+def load_experiment(path: str | Path, profile: str = "default", cls: type = ExperimentConfig):
+    """Load an experiment YAML (yaml.safe_load) and apply the overrides of `profile`.
+
+    `base: other.yaml` merges this file over another (shared settings live once);
+    `profiles:` maps a profile name (smoke / default / full) to a partial config; the
+    default profile is the file's top level as written.
+    """
+    path = Path(path)
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; profiles: {', '.join(PROFILES)}")
+    raw = _read_with_bases(path)
     profiles = raw.pop("profiles", {}) or {}
     if not isinstance(profiles, dict) or any(p not in PROFILES for p in profiles):
         raise ConfigError(f"{path}: 'profiles' keys must be among {', '.join(PROFILES)}, got {list(profiles)}")

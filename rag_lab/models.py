@@ -328,3 +328,34 @@ def _finish(model, tokenizer):
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+# ---------------------------------------------------------------- identity of a checkpoint
+
+_FULL_HASH_LIMIT = 16 << 20  # files above this are hashed by size + their first and last 8 MiB
+
+
+@functools.lru_cache(maxsize=32)
+def _folder_fingerprint(path: str, stamp: tuple) -> str:
+    h = hashlib.sha256()
+    for name, size, _ in stamp:
+        h.update(f"{name}\0{size}\0".encode())
+        with open(Path(path) / name, "rb") as f:
+            if size <= _FULL_HASH_LIMIT:
+                h.update(f.read())
+            else:  # weights change everywhere when a model is retrained: both ends suffice, and stay fast
+                h.update(f.read(_FULL_HASH_LIMIT // 2))
+                f.seek(size - _FULL_HASH_LIMIT // 2)
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def model_fingerprint(resolved: str | Path) -> str:
+    """A content hash of a local checkpoint folder (retraining into the same path changes it),
+    used in cache keys; for a hub id, the id itself."""
+    path = Path(resolved)
+    if not path.is_dir():
+        return str(resolved)
+    files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+    stamp = tuple((f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _folder_fingerprint(str(path), stamp)

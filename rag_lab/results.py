@@ -22,7 +22,7 @@ def upsert_rows(csv_path: str | Path, rows: Sequence[dict], key: Sequence[str], 
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(csv_path) + ".lock"):
-        table = pd.read_csv(csv_path, keep_default_na=False) if csv_path.exists() else pd.DataFrame()
+        table = pd.read_csv(csv_path) if csv_path.exists() else pd.DataFrame()
         new = pd.DataFrame(list(rows))
         if not table.empty:
             new_keys = set(map(tuple, new[list(key)].astype(str).values))
@@ -48,9 +48,20 @@ def to_markdown(table: pd.DataFrame, title: str = "", note: str = "") -> str:
 
 def _cell(value) -> str:
     if isinstance(value, float):
-        return f"{value:.3f}"
+        if pd.isna(value):
+            return ""
+        return str(int(value)) if value.is_integer() else f"{value:.3f}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def load_table(csv_path: str | Path) -> pd.DataFrame:
-    return pd.read_csv(csv_path, keep_default_na=False)
+    return pd.read_csv(csv_path)
+
+
+def ci_column(table: pd.DataFrame, col: str) -> list[str]:
+    """'mean [low, high]' strings from the numeric `col`, `col_low`, `col_high` columns ('' where missing)."""
+    from rag_lab.metrics import format_ci
+
+    if col not in table:
+        return [""] * len(table)
+    return ["" if pd.isna(m) else format_ci(m, l, h) for m, l, h in zip(table[col], table[col + "_low"], table[col + "_high"])]

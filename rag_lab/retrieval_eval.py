@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from rag_lab.data.records import Passage, QAExample
-from rag_lab.metrics import answer_recall_at_k, bootstrap_ci, format_ci, gold_spans, has_answer_normalized, padded_normalized
+from rag_lab.metrics import answer_recall_at_k, bootstrap_ci, gold_spans, has_answer_normalized, padded_normalized
 from rag_lab.retrievers.base import Hit, passage_text
 
 KS = (1, 5, 10, 20, 100)
@@ -81,15 +81,14 @@ def recall_curve(ev: RetrievalEval, ks: Sequence[int] | None = None, subset: boo
 
 def display_table(table: pd.DataFrame, ks: Sequence[int] = KS) -> pd.DataFrame:
     """The CSV's numeric columns folded into 'mean [low, high]' strings for reading."""
+    from rag_lab.results import ci_column
+
     out = table[["retriever", "eval_set", "n"]].copy()
     for k in ks:
-        out[f"R@{k}"] = [format_ci(m, l, h) for m, l, h in zip(table[f"R@{k}"], table[f"R@{k}_low"], table[f"R@{k}_high"])]
+        out[f"R@{k}"] = ci_column(table, f"R@{k}")
     out["n (answer in corpus)"] = table["n_answer_in_corpus"]
     for k in ks:
-        col = f"R@{k}_in_corpus"
-        if col in table:
-            out[f"{col.replace('_in_corpus', '')} (in corpus)"] = [
-                format_ci(m, l, h) if m != "" else "" for m, l, h in zip(table[col], table[f"{col}_low"], table[f"{col}_high"])]
+        out[f"R@{k} (in corpus)"] = ci_column(table, f"R@{k}_in_corpus")
     out["config"] = table["config"]
     return out
 

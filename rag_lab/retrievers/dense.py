@@ -7,7 +7,6 @@ of encoder or corpus gives a new key, so a stale cache is never read.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 from pathlib import Path
 from typing import Sequence
@@ -30,13 +29,13 @@ class DenseRetriever:
                  show_progress: bool = True, model=None):
         if not passages:
             raise ValueError("DenseRetriever needs a non-empty corpus")
-        from rag_lab.models import load_sentence_encoder, resolve_model
+        from rag_lab.models import load_sentence_encoder, model_fingerprint, resolve_model
 
         self.passages = list(passages)
         self.encoder_name = encoder
         self.model = model if model is not None else load_sentence_encoder(encoder)
         self.model.max_seq_length = max_length
-        self.params = {"encoder": encoder_fingerprint(resolve_model(encoder)) if model is None else _module_fingerprint(model),
+        self.params = {"encoder": model_fingerprint(resolve_model(encoder)) if model is None else _module_fingerprint(model),
                        "query_prefix": query_prefix, "passage_prefix": passage_prefix, "max_length": max_length}
         self.index_factory, self.search_params = index_factory, search_params
         self.batch_size, self.show_progress = batch_size, show_progress
@@ -104,26 +103,6 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
-
-
-@functools.lru_cache(maxsize=16)
-def _dir_fingerprint(path: str, stamp: tuple) -> str:
-    h = hashlib.sha256()
-    for f in sorted(Path(path).rglob("*")):
-        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".txt", ".model"):
-            h.update(f.relative_to(path).as_posix().encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def encoder_fingerprint(resolved) -> str:
-    """Content hash of a local encoder folder (so retraining into the same path invalidates caches);
-    for a hub id, the id itself."""
-    path = Path(resolved)
-    if not path.is_dir():
-        return str(resolved)
-    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.rglob("*")) if f.is_file())
-    return _dir_fingerprint(str(path), stamp)
 
 
 def _module_fingerprint(model) -> str:

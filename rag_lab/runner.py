@@ -1,0 +1,274 @@
+"""`run_experiment(cfg)`: retrieve -> generate -> score, each stage cached, generation resumable.
+
+Each run leaves `results/runs/<experiment>/<run id>/` (config, predictions, metrics, timings,
+versions) and upserts one row of `results/main_table.{csv,md}`. Profiles other than
+`default` write under `results/<profile>/` so they never overwrite the committed tables.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from rag_lab.config import ExperimentConfig
+from rag_lab.data.records import Passage, QAExample
+from rag_lab.io import read_jsonl, write_json, write_jsonl
+from rag_lab.metrics import bootstrap_ci, gold_spans, has_answer_normalized, padded_normalized, score_predictions
+from rag_lab.paths import REPO_ROOT, profile_results_dir
+from rag_lab.retrievers.base import Hit, passage_text, stable_hash
+
+MAIN_TABLE_KEY = ("experiment", "eval_set")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    row: dict
+    predictions: list[dict]
+    metrics: dict
+    timings: dict
+
+
+def cache_root() -> Path:
+    root = os.environ.get("RAG_LAB_CACHE")
+    return Path(root) / "runs" if root else REPO_ROOT / "cache" / "runs"
+
+
+# ---------------------------------------------------------------- stage 0: data
+
+def load_run_data(cfg: ExperimentConfig) -> tuple[list[QAExample], list[QAExample], list[Passage]]:
+    """(eval questions, train questions, passages); passages only when a retriever is configured."""
+    from rag_lab.data import load_corpus, load_qa
+    from rag_lab.data.subsets import subset_corpus, subset_questions
+
+    d = cfg.data
+    questions = subset_questions(load_qa(d.dataset, d.eval_split), d.n_eval, d.subset_seed)
+    needs_train = cfg.generator.n_few_shot > 0 or cfg.training.enabled
+    train = load_qa(d.dataset, d.train_split) if needs_train else []
+    passages = subset_corpus(load_corpus(d.corpus), questions, d.n_corpus, d.subset_seed) if cfg.retriever.kind != "none" else []
+    return questions, train, passages
+
+
+def eval_set_name(cfg: ExperimentConfig, n: int) -> str:
+    d = cfg.data
+    subset = f" seed={d.subset_seed}" if d.n_eval else ""
+    return f"{d.dataset}/{d.eval_split} n={n}{subset}"
+
+
+# ---------------------------------------------------------------- stage 1: retrieve
+
+def retrieve_stage(cfg: ExperimentConfig, questions, passages, show_progress: bool) -> list[list[Hit]] | None:
+    if cfg.retriever.kind == "none":
+        return None
+    from rag_lab.paths import repo_path
+    from rag_lab.retrievers import build_retriever, cached_retrieve
+
+    rcfg = dataclasses.replace(cfg.retriever, encoder=repo_path(cfg.retriever.encoder))
+    retriever = build_retriever(rcfg, passages, show_progress=show_progress)
+    return cached_retrieve(retriever, questions, cfg.retriever.k)
+
+
+# ---------------------------------------------------------------- stage 2: generate (resumable)
+
+def generation_key(cfg: ExperimentConfig, model_id: str, questions, hits) -> str:
+    return stable_hash({
+        "generator": dataclasses.asdict(cfg.generator), "model": model_id, "seed": cfg.seed,
+        "few_shot_pool": [cfg.data.dataset, cfg.data.train_split] if cfg.generator.n_few_shot else None,
+        "questions": [[q.id, q.question] for q in questions],
+        "passages": None if hits is None else [[h.passage_id for h in row] for row in hits],
+    })
+
+
+def generate_stage(cfg, questions, train, passages, hits, model_path: str, show_progress: bool) -> tuple[list[dict], str]:
+    """Predictions in question order. Finished batches are appended to `partial.jsonl` as they
+    complete, so a killed run restarts where it stopped; the batch plan is deterministic."""
+    from rag_lab.generators import build_generator, length_sorted_batches
+    from rag_lab.models import model_fingerprint, resolve_model
+    from rag_lab.pipeline import contexts_from_hits
+
+    key = generation_key(cfg, model_fingerprint(resolve_model(model_path)), questions, hits)
+    stage = cache_root() / f"generate-{key[:20]}"
+    done_path, partial_path = stage / "predictions.jsonl", stage / "partial.jsonl"
+    if done_path.exists():
+        return [row for _, row in read_jsonl(done_path)], key
+    generator = build_generator(cfg.generator, train, seed=cfg.seed, model_path=model_path)
+    contexts = None if hits is None else contexts_from_hits(hits, passages)
+    if cfg.generator.kind == "extractive":
+        preds = generator.generate(questions, contexts)
+    else:
+        preds = _generate_resumable(generator, questions, contexts, partial_path, show_progress)
+    write_jsonl(done_path, preds)
+    partial_path.unlink(missing_ok=True)
+    return preds, key
+
+
+def _generate_resumable(generator, questions, contexts, partial_path: Path, show_progress: bool) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    from rag_lab.generators import length_sorted_batches
+
+    prompts = generator.prompts(questions, contexts)
+    batches = length_sorted_batches([p.n_tokens for p in prompts], generator.batch_size)
+    raws: dict[int, str] = {}
+    if partial_path.exists():  # resume: keep every batch that was fully written
+        for _, row in read_jsonl(partial_path):
+            raws.update(zip(row["indices"], row["raw"]))
+    partial_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial_path, "a", encoding="utf-8") as log:
+        for batch in tqdm(batches, desc="generate", disable=not show_progress):
+            if all(i in raws for i in batch):
+                continue
+            outs = generator.generate_batch([prompts[i] for i in batch])
+            raws.update(zip(batch, outs))
+            log.write(json.dumps({"indices": batch, "raw": outs}, ensure_ascii=False) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+    return generator.predictions(questions, prompts, [raws[i] for i in range(len(questions))])
+
+
+# ---------------------------------------------------------------- stage 3: score
+
+def score_stage(questions: Sequence[QAExample], preds: list[dict], hits, passages) -> list[dict]:
+    """The prediction rows of the data contract, one per question."""
+    scores = score_predictions([p["prediction"] for p in preds], [q.answers for q in questions])
+    by_id = {p.id: p for p in passages}
+    rows = []
+    for i, (q, p) in enumerate(zip(questions, preds)):
+        ids = [] if hits is None else [h.passage_id for h in hits[i]]
+        golds = gold_spans(q.answers)
+        in_passages = None if hits is None else any(has_answer_normalized(golds, padded_normalized(passage_text(by_id[pid]))) for pid in ids)
+        rows.append({"id": q.id, "question": q.question, "answers": list(q.answers), "prediction": p["prediction"],
+                     "raw": p["raw"], "passage_ids": ids, "em": float(scores["em"][i]), "f1": float(scores["f1"][i]),
+                     "match": float(scores["match"][i]), "answer_in_passages": in_passages,
+                     "answer_in_corpus": q.answer_in_corpus, **{k: p[k] for k in ("prompt_tokens", "truncated") if k in p}})
+    return rows
+
+
+def summarize_rows(rows: list[dict], seed: int = 0) -> dict:
+    """Means with 95% bootstrap CIs, for all questions and the answer-in-corpus subset."""
+    out = {}
+    subsets = {"all": rows, "in_corpus": [r for r in rows if r["answer_in_corpus"]]}
+    for name, subset in subsets.items():
+        if not subset:
+            continue
+        block = {"n": len(subset)}
+        metrics = ["em", "f1", "match"] + (["answer_in_passages"] if subset[0]["answer_in_passages"] is not None else [])
+        for m in metrics:
+            mean, low, high = bootstrap_ci(np.array([float(r[m]) for r in subset]), seed=seed)
+            block[m] = {"mean": mean, "low": low, "high": high}
+        out[name] = block
+    out["truncated"] = sum(bool(r.get("truncated")) for r in rows)
+    return out
+
+
+# ---------------------------------------------------------------- the run
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "rag_lab"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        sha, dirty = "unknown", False
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "rag_lab_git_sha": sha + ("+dirty" if dirty else ""), "platform": platform.platform()}
+
+
+def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progress: bool = True, model_path: str | None = None) -> RunResult:
+    """Run (or reload from the stage caches) one experiment and record it in the main table."""
+    t0 = time.perf_counter()
+    timings = {}
+    questions, train, passages = load_run_data(cfg)
+    timings["data_s"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    hits = retrieve_stage(cfg, questions, passages, show_progress)
+    timings["retrieve_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    preds, key = generate_stage(cfg, questions, train, passages, hits, model_path or cfg.generator.model, show_progress)
+    timings["generate_s"] = time.perf_counter() - t
+
+    rows = score_stage(questions, preds, hits, passages)
+    metrics = summarize_rows(rows, seed=cfg.seed)
+    timings["wall_s"] = time.perf_counter() - t0
+    run_dir = write_run_folder(cfg, profile, key, rows, metrics, timings)
+    row = table_row(cfg, metrics, eval_set_name(cfg, len(questions)), timings["wall_s"], run_dir)
+    upsert_main_table([row], profile)
+    return RunResult(run_dir, row, rows, metrics, timings)
+
+
+def write_run_folder(cfg, profile: str, key: str, rows, metrics, timings) -> Path:
+    run_dir = profile_results_dir(profile) / "runs" / cfg.name / key[:12]
+    write_json(run_dir / "config.json", {"profile": profile, **cfg.to_dict()})
+    write_jsonl(run_dir / "predictions.jsonl", rows)
+    write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "timings.json", {k: round(v, 2) for k, v in timings.items()})
+    write_json(run_dir / "versions.json", versions())
+    return run_dir
+
+
+def table_row(cfg: ExperimentConfig, metrics: dict, eval_set: str, wall_s: float, run_dir: Path) -> dict:
+    r = cfg.retriever
+    row = {"experiment": cfg.name, "regime": cfg.regime, "generator": Path(cfg.generator.model).name,
+           "retriever": r.kind if r.kind != "none" else "", "k": r.k if r.kind != "none" else "",
+           "eval_set": eval_set, "n": metrics["all"]["n"]}
+    for subset, suffix in (("all", ""), ("in_corpus", "_in_corpus")):
+        block = metrics.get(subset)
+        if block is None:
+            continue
+        if suffix:
+            row["n_in_corpus"] = block["n"]
+        for m in ("em", "f1", "match", "answer_in_passages"):
+            if m in block:
+                col = ("recall@k" if m == "answer_in_passages" else m) + suffix
+                row[col], row[col + "_low"], row[col + "_high"] = block[m]["mean"], block[m]["low"], block[m]["high"]
+    row.update({"truncated": metrics["truncated"], "wall_s": round(wall_s, 1), "seed": cfg.seed,
+                "run": run_dir.relative_to(profile_results_dir_root(run_dir)).as_posix()})
+    return row
+
+
+def profile_results_dir_root(run_dir: Path) -> Path:
+    # run_dir = <results>/runs/<experiment>/<id>; the table links it relative to <results>
+    return run_dir.parents[2]
+
+
+def display_main_table(table: pd.DataFrame) -> pd.DataFrame:
+    """'mean [low, high]' cells for reading; the CSV keeps the numbers."""
+    from rag_lab.results import ci_column
+
+    def ci(col):
+        return ci_column(table, col)
+
+    out = table[["experiment", "regime", "generator", "retriever", "k", "eval_set", "n"]].copy()
+    for col, label in (("em", "EM"), ("f1", "F1"), ("match", "answer match"), ("recall@k", "answer recall@k")):
+        out[label] = ci(col)
+    out["n (in corpus)"] = table["n_in_corpus"] if "n_in_corpus" in table else ""
+    for col, label in (("em_in_corpus", "EM (in corpus)"), ("f1_in_corpus", "F1 (in corpus)"),
+                       ("match_in_corpus", "match (in corpus)"), ("recall@k_in_corpus", "recall@k (in corpus)")):
+        out[label] = ci(col)
+    out["wall s"] = table["wall_s"]
+    return out
+
+
+def upsert_main_table(rows: list[dict], profile: str = "default") -> pd.DataFrame:
+    from rag_lab.results import upsert_rows
+
+    return upsert_rows(profile_results_dir(profile) / "main_table.csv", rows, key=MAIN_TABLE_KEY,
+                       title="Main results: every regime on the same eval set",
+                       note=("One row per experiment, produced by `rag-lab run experiments/<experiment>.yaml` "
+                             "(or the notebooks). EM / F1 / answer match with 95% bootstrap CIs (1,000 resamples); "
+                             "answer recall@k = a gold answer occurs in the k passages the reader saw; 'in corpus' = "
+                             "questions whose answer occurs somewhere in the corpus. Greedy decoding."),
+                       render=display_main_table)

@@ -1,0 +1,223 @@
+"""Fine-tuning a dense retriever on BM25-mined pairs (DPR-style distant supervision).
+
+NQ-open has questions and answer strings but no gold passages, so DPR (Karpukhin et
+al. 2020, sec. 5.1) takes as positive the highest-ranked BM25 passage that contains an
+answer, and as hard negative the highest-ranked BM25 passage that does not. We do the
+same, then train with in-batch negatives plus the hard negative (MultipleNegativesRankingLoss):
+
+    pairs, stats = mine_training_pairs(train_questions, passages, BM25Retriever(passages))
+    report = train_dense_retriever("all-minilm-l6-v2", pairs, "models/minilm-nq")
+    # any experiment can then use   retriever.encoder: models/minilm-nq
+
+The saved folder is a plain sentence-transformers checkpoint plus `rag_lab_training.json`
+(the arguments, the prefixes to retrieve with, and the loss history).
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from rag_lab.data.records import Passage, QAExample
+from rag_lab.io import write_json
+from rag_lab.metrics import gold_spans, has_answer_normalized, padded_normalized
+from rag_lab.retrievers.base import passage_text
+from rag_lab.retrievers.bm25 import BM25Retriever
+from rag_lab.retrievers.cache import atomic_dir
+
+TRAINING_FILE = "rag_lab_training.json"  # written beside the weights
+
+
+@dataclass(frozen=True)
+class TrainPair:
+    """One training example: a question, a passage with its answer, passages without it."""
+
+    question: str
+    positive: str
+    negatives: tuple[str, ...]
+    question_id: str = ""
+    positive_id: str = ""
+    negative_ids: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------- mining
+
+
+def mine_training_pairs(questions: Sequence[QAExample], passages: Sequence[Passage], bm25: BM25Retriever,
+                        depth: int = 100, n_hard_negatives: int = 1) -> tuple[list[TrainPair], dict]:
+    """One TrainPair per question that has an answer-bearing passage in the BM25 top-`depth`.
+
+    Positive: the highest-ranked passage with a gold answer (`has_answer`); hard negatives:
+    the `n_hard_negatives` highest-ranked without one. Questions with no positive, or with
+    too few negatives, are skipped and counted. Deterministic (BM25 ranking is).
+    """
+    if depth < 1 or n_hard_negatives < 0:
+        raise ValueError(f"need depth >= 1 and n_hard_negatives >= 0, got {depth} and {n_hard_negatives}")
+    by_id = {p.id: p for p in passages}
+    normalized: dict[str, str] = {}  # passage id -> normalised text: a passage recurs across questions
+    pairs, no_positive, no_negative = [], 0, 0
+    for q, hits in zip(questions, bm25.retrieve(questions, depth)):
+        ranked = [_lookup(by_id, h.passage_id) for h in hits]
+        positive, negatives = _split_ranking(gold_spans(q.answers), ranked, n_hard_negatives, normalized)
+        if positive is None:
+            no_positive += 1
+        elif len(negatives) < n_hard_negatives:
+            no_negative += 1
+        else:
+            pairs.append(TrainPair(q.question, passage_text(positive), tuple(passage_text(p) for p in negatives),
+                                   q.id, positive.id, tuple(p.id for p in negatives)))
+    stats = {"n_questions": len(questions), "n_pairs": len(pairs), "skipped_no_positive": no_positive,
+             "skipped_no_negative": no_negative, "depth": depth, "n_hard_negatives": n_hard_negatives}
+    return pairs, stats
+
+
+def _split_ranking(golds: list[str], ranked: list[Passage], n_negatives: int,
+                   normalized: dict[str, str]) -> tuple[Passage | None, list[Passage]]:
+    """(first passage with an answer, first `n_negatives` without), scanning only as far as needed.
+
+    The answer test is `has_answer(answers, passage_text(p))`, split so that each passage
+    is normalised once per corpus rather than once per question.
+    """
+    positive, negatives = None, []
+    for p in ranked:
+        if positive is not None and len(negatives) == n_negatives:
+            break
+        if p.id not in normalized:
+            normalized[p.id] = padded_normalized(passage_text(p))
+        if has_answer_normalized(golds, normalized[p.id]):
+            if positive is None:
+                positive = p
+        elif len(negatives) < n_negatives:
+            negatives.append(p)
+    return positive, negatives
+
+
+def _lookup(by_id: dict[str, Passage], passage_id: str) -> Passage:
+    if passage_id not in by_id:
+        raise ValueError(f"BM25 returned passage {passage_id!r}, which is not in `passages`: "
+                         "was the index built over a different corpus?")
+    return by_id[passage_id]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _st_training_api():
+    """(MultipleNegativesRankingLoss, BatchSamplers); sentence-transformers 6 moved both."""
+    try:
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+        from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+    except ImportError:  # 3.x - 5.x layout
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+        from sentence_transformers.training_args import BatchSamplers
+    return MultipleNegativesRankingLoss, BatchSamplers
+
+
+def _columns(pairs: Sequence[TrainPair], query_prefix: str = "", passage_prefix: str = "") -> dict[str, list[str]]:
+    """Text columns in the order MNRL reads them: anchor, positive, negative(s).
+
+    Prefixes are prepended here, exactly as DenseRetriever prepends them at retrieval time.
+    """
+    n_neg = {len(p.negatives) for p in pairs}
+    if len(n_neg) != 1:
+        raise ValueError(f"every pair needs the same number of negatives, got counts {sorted(n_neg)}")
+    n_neg = n_neg.pop()
+    columns = {"anchor": [query_prefix + p.question for p in pairs],
+               "positive": [passage_prefix + p.positive for p in pairs]}
+    names = ["negative"] if n_neg == 1 else [f"negative_{i + 1}" for i in range(n_neg)]
+    for i, name in enumerate(names):
+        columns[name] = [passage_prefix + p.negatives[i] for p in pairs]
+    return columns
+
+
+def contrastive_loss(model, pairs: Sequence[TrainPair], batch_size: int = 32,
+                     query_prefix: str = "", passage_prefix: str = "") -> float:
+    """Mean MultipleNegativesRankingLoss over `pairs`, in order, in batches of `batch_size`.
+
+    No gradient, eval mode (no dropout), fixed batches: so the numbers before and after
+    training are comparable. A batch's in-batch negatives are the other pairs' passages.
+    """
+    if not pairs:
+        raise ValueError("contrastive_loss needs at least one pair")
+    mnrl, _ = _st_training_api()
+    loss_fn = mnrl(model)
+    total = 0.0
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start:start + batch_size]
+        embeddings = [model.encode(texts, batch_size=len(texts), convert_to_tensor=True, show_progress_bar=False)
+                      for texts in _columns(batch, query_prefix, passage_prefix).values()]
+        with torch.no_grad():
+            total += loss_fn.compute_loss_from_embeddings(embeddings, None).item() * len(batch)
+    return total / len(pairs)
+
+
+def train_dense_retriever(encoder, pairs: Sequence[TrainPair], output_dir: str | Path, epochs: int = 1,
+                          batch_size: int = 32, learning_rate: float = 2e-5, warmup_ratio: float = 0.1,
+                          seed: int = 0, max_length: int = 256, query_prefix: str = "",
+                          passage_prefix: str = "", logging_steps: int | None = None) -> dict:
+    """Fine-tune a sentence-transformers encoder on mined pairs; save it to `output_dir`.
+
+    `encoder` is a name/path for `load_sentence_encoder` or a SentenceTransformer (trained
+    in place). Float32 throughout. The folder appears only when complete (written beside
+    it, then renamed). Returns the report also saved there as `rag_lab_training.json`.
+    """
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    from rag_lab.models import load_sentence_encoder
+
+    if not pairs:
+        raise ValueError("train_dense_retriever needs at least one pair")
+    if not 0 <= warmup_ratio < 1:  # transformers reads warmup_steps >= 1 as a step count
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+    model = load_sentence_encoder(encoder) if isinstance(encoder, (str, Path)) else encoder
+    model.max_seq_length = max_length
+    mnrl, batch_samplers = _st_training_api()
+    from datasets import Dataset
+
+    dataset = Dataset.from_dict(_columns(pairs, query_prefix, passage_prefix))
+    steps = math.ceil(len(pairs) / batch_size) * epochs
+    loss_before = contrastive_loss(model, pairs, batch_size, query_prefix, passage_prefix)
+
+    with tempfile.TemporaryDirectory(prefix="rag_lab_trainer_") as scratch:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=scratch,  # checkpoints are not kept: only the final model is saved
+            num_train_epochs=epochs, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
+            warmup_steps=warmup_ratio, seed=seed, data_seed=seed,
+            batch_sampler=batch_samplers.NO_DUPLICATES,  # a duplicate passage would be a false in-batch negative
+            fp16=False, bf16=False, save_strategy="no", report_to="none", push_to_hub=False,
+            logging_steps=logging_steps or max(1, steps // 10), dataloader_num_workers=0,
+            dataloader_pin_memory=torch.cuda.is_available())
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=mnrl(model))
+        start = time.perf_counter()
+        result = trainer.train()
+        train_seconds = time.perf_counter() - start
+
+    loss_after = contrastive_loss(model, pairs, batch_size, query_prefix, passage_prefix)
+    report = {
+        "encoder": str(encoder) if isinstance(encoder, (str, Path)) else type(encoder).__name__,
+        "n_pairs": len(pairs), "n_hard_negatives": len(pairs[0].negatives), "epochs": epochs,
+        "batch_size": batch_size, "learning_rate": learning_rate, "warmup_ratio": warmup_ratio, "seed": seed,
+        "max_length": max_length, "query_prefix": query_prefix, "passage_prefix": passage_prefix,
+        "steps": trainer.state.global_step, "train_seconds": round(train_seconds, 2),
+        "train_loss": result.training_loss, "loss_before": loss_before, "loss_after": loss_after,
+        "loss_history": [{k: e[k] for k in ("step", "epoch", "loss", "learning_rate") if k in e}
+                         for e in trainer.state.log_history if "loss" in e],
+        "versions": _versions(),
+    }
+    with atomic_dir(Path(output_dir)) as tmp:
+        model.save(str(tmp))
+        write_json(tmp / TRAINING_FILE, report)
+    return report
+
+
+def _versions() -> dict[str, str]:
+    import sentence_transformers
+    import transformers
+
+    return {"sentence_transformers": sentence_transformers.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__}
