@@ -10,10 +10,23 @@ from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.generators.postprocess import clean_answer
 from rag_lab.generators.prompts import Prompt, PromptBuilder
+
+
+class StopAtNewline(StoppingCriteria):
+    """Finish a sequence once its continuation contains a newline: the answer is the first line.
+    (Decodes the new tokens, so it works with any tokenizer, unlike token-id matching.)"""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor(["\n" in t.lstrip("\n") for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -48,10 +61,12 @@ class HFGenerator:
                              add_special_tokens=not self.builder.use_chat)
         self.stats["prompt_tokens"] += int(enc["attention_mask"].sum())
         self.stats["padded_tokens"] += int(enc["attention_mask"].numel())
-        extra = {"stop_strings": ["\n"], "tokenizer": self.tokenizer} if self.stop_at_newline and self.is_decoder_only else {}
+        prompt_length = enc["input_ids"].shape[1]
+        stop = [StopAtNewline(self.tokenizer, prompt_length)] if self.stop_at_newline and self.is_decoder_only else []
+        extra = {"stopping_criteria": StoppingCriteriaList(stop)} if stop else {}
         out = self.model.generate(**enc, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
                                   pad_token_id=self.tokenizer.pad_token_id, **extra)
-        new_tokens = out[:, enc["input_ids"].shape[1]:] if self.is_decoder_only else out
+        new_tokens = out[:, prompt_length:] if self.is_decoder_only else out
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
     def predictions(self, examples: Sequence[QAExample], prompts: Sequence[Prompt], raws: Sequence[str]) -> list[dict]:

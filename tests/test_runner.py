@@ -1,0 +1,135 @@
+"""The runner on tiny models and data: stage caches, resume after a kill, determinism, the table."""
+import json
+import threading
+
+import pandas as pd
+import pytest
+
+from rag_lab.config import ExperimentConfig, from_dict
+from rag_lab.generators.hf import HFGenerator
+from rag_lab.results import upsert_rows
+from rag_lab.runner import run_experiment
+from tiny_models import make_tiny_causal_lm
+
+QA = [{"id": f"q{i}", "question": q, "answers": [a]} for i, (q, a) in enumerate([
+    ("what is the capital of france", "paris"), ("who was king of france", "louis"),
+    ("which river is in the city", "seine"), ("what is the capital of germany", "berlin"),
+    ("when was the president born", "1900"), ("which mountain is in the country", "alps"),
+    ("where is the capital city", "paris"), ("who was the queen", "marie")])]
+CORPUS = [{"id": "Paris#0", "title": "paris", "text": "paris is the capital city of france"},
+          {"id": "Berlin#0", "title": "berlin", "text": "berlin is the capital city of germany"},
+          {"id": "Seine#0", "title": "seine", "text": "the seine river is in the city of paris"},
+          {"id": "Alps#0", "title": "alps", "text": "the alps mountain is in the country"}]
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """Isolated results and caches, a tiny QA file and corpus, a tiny saved decoder."""
+    monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("RAG_LAB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in QA))
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CORPUS))
+    make_tiny_causal_lm(tmp_path / "model")
+    return tmp_path
+
+
+def config(env, **overrides):
+    raw = {"name": "tiny", "regime": "rag",
+           "data": {"dataset": str(env / "qa.jsonl"), "corpus": str(env / "corpus.jsonl")},
+           "retriever": {"kind": "bm25", "k": 2, "stopwords": None, "stemmer": None},
+           "generator": {"model": str(env / "model"), "batch_size": 3, "max_new_tokens": 4, "use_chat_template": False}}
+    for key, value in overrides.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return from_dict(ExperimentConfig, raw)
+
+
+def test_run_writes_folder_predictions_and_table_row(env):
+    result = run_experiment(config(env), show_progress=False)
+    files = sorted(p.name for p in result.run_dir.iterdir())
+    assert files == ["config.json", "metrics.json", "predictions.jsonl", "timings.json", "versions.json"]
+    rows = [json.loads(l) for l in (result.run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [q["id"] for q in QA]
+    assert set(rows[0]) >= {"id", "question", "answers", "prediction", "raw", "passage_ids", "em", "f1", "answer_in_passages"}
+    assert all(len(r["passage_ids"]) == 2 for r in rows)
+    # Paris#0 holds "paris" and BM25 ranks it first for q0
+    assert rows[0]["passage_ids"][0] == "Paris#0" and rows[0]["answer_in_passages"] is True
+    versions = json.loads((result.run_dir / "versions.json").read_text())
+    assert {"python", "torch", "transformers", "rag_lab_git_sha"} <= set(versions)
+    table = pd.read_csv(env / "results" / "main_table.csv")
+    assert table.loc[0, "experiment"] == "tiny" and table.loc[0, "n"] == len(QA)
+    assert table.loc[0, "recall@k"] == pytest.approx(sum(r["answer_in_passages"] for r in rows) / len(rows))
+    assert "| tiny | rag |" in (env / "results" / "main_table.md").read_text()
+
+
+def test_closed_book_and_determinism(env):
+    cfg = config(env, regime="closed_book", retriever={"kind": "none"})
+    first = run_experiment(cfg, show_progress=False)
+    text = (first.run_dir / "predictions.jsonl").read_bytes()
+    assert all(r["passage_ids"] == [] and r["answer_in_passages"] is None for r in first.predictions)
+    # a second run with a cold generation cache gives byte-identical predictions
+    import shutil, os
+
+    shutil.rmtree(os.environ["RAG_LAB_CACHE"])
+    second = run_experiment(cfg, show_progress=False)
+    assert (second.run_dir / "predictions.jsonl").read_bytes() == text
+
+
+def test_generation_cache_and_resume_after_kill(env, monkeypatch):
+    cfg = config(env)
+    real = HFGenerator.generate_batch
+    calls = []
+
+    def dies_after_two(self, prompts):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill")
+        calls.append(len(prompts))
+        return real(self, prompts)
+
+    monkeypatch.setattr(HFGenerator, "generate_batch", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, show_progress=False)
+    partial = list((env / "cache" / "runs").glob("generate-*/partial.jsonl"))
+    assert len(partial) == 1 and len(partial[0].read_text().splitlines()) == 2
+
+    def counting(self, prompts):
+        calls.append(len(prompts))
+        return real(self, prompts)
+
+    monkeypatch.setattr(HFGenerator, "generate_batch", counting)
+    resumed = run_experiment(cfg, show_progress=False)
+    assert calls == [3, 3, 2]  # 8 questions in batches of 3: the last batch only, after the restart
+    assert not partial[0].exists()
+
+    # an uninterrupted run elsewhere produces the same bytes
+    monkeypatch.setenv("RAG_LAB_CACHE", str(env / "cache2"))
+    monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(env / "results2"))
+    clean = run_experiment(cfg, show_progress=False)
+    assert (clean.run_dir / "predictions.jsonl").read_bytes() == (resumed.run_dir / "predictions.jsonl").read_bytes()
+
+    # warm rerun: no generation at all
+    calls.clear()
+    run_experiment(cfg, show_progress=False)
+    assert calls == []
+
+
+def test_generation_cache_key_follows_the_config(env, monkeypatch):
+    run_experiment(config(env), show_progress=False)
+    run_experiment(config(env, generator={"max_new_tokens": 3}), show_progress=False)
+    run_experiment(config(env, retriever={"k": 1}), show_progress=False)
+    assert len(list((env / "cache" / "runs").glob("generate-*"))) == 3
+
+
+def test_concurrent_upserts_lose_no_row(tmp_path):
+    path = tmp_path / "table.csv"
+
+    def add(i):
+        upsert_rows(path, [{"experiment": f"e{i}", "eval_set": "s", "em": i / 10}], key=("experiment", "eval_set"))
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    table = pd.read_csv(path)
+    assert sorted(table["experiment"]) == [f"e{i}" for i in range(8)]
+    upsert_rows(path, [{"experiment": "e3", "eval_set": "s", "em": 0.99}], key=("experiment", "eval_set"))
+    table = pd.read_csv(path)
+    assert len(table) == 8 and table.set_index("experiment").loc["e3", "em"] == 0.99
