@@ -115,22 +115,35 @@ class GeneratorConfig:
 @dataclass
 class TrainingConfig:
     enabled: bool = _help("fine-tune the generator before evaluating", False)
-    method: Literal["full", "lora"] = _help("full fine-tuning or LoRA (peft)", "full")
+    method: Literal["full", "lora"] = _help("full fine-tuning or LoRA (peft; merged into the weights after training)", "full")
     learning_rate: float = _help("peak learning rate", 5e-5)
     epochs: float = _help("passes over the training subset", 2.0)
     batch_size: int = _help("examples per device step", 8)
     grad_accum: int = _help("gradient accumulation steps", 1)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _help("learning-rate schedule", "linear")
+    warmup_ratio: float = _help("fraction of steps spent warming up", 0.05)
+    weight_decay: float = _help("AdamW weight decay", 0.0)
+    eval_steps: int = _help("evaluate dev EM (and save a checkpoint) every N optimiser steps", 50)
+    patience: int = _help("early stopping: evaluations without a better dev EM", 3)
+    group_by_length: bool = _help("length-grouped batches (less padding)", True)
     lora_r: int = _help("LoRA rank", 16)
     lora_alpha: int = _help("LoRA alpha", 32)
+    lora_dropout: float = _help("LoRA dropout", 0.05)
     lora_targets: list[str] = _help("LoRA target module names", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     dev_size: int = _help("questions held out from train for dev EM / early stopping", 100)
-    seeds: list[int] = _help("training seeds; one table row reports mean ± sd over them", factory=lambda: [0])
+    seeds: list[int] = _help("training seeds; the table reports mean ± sd over them", factory=lambda: [0])
+    tensorboard: bool = _help("log to TensorBoard in the checkpoint folder", False)
+    output: str = _help("checkpoint folder (relative: from the repo root); empty: cache/train/<experiment>-<hash>", "")
 
     def __post_init__(self):
         if self.learning_rate <= 0 or self.epochs <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
             raise ConfigError("training.learning_rate, epochs, batch_size and grad_accum must be positive")
         if not self.seeds:
             raise ConfigError("training.seeds must list at least one seed")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.dev_size < 0 or self.eval_steps <= 0:
+            raise ConfigError("training.dev_size must be >= 0 and training.eval_steps > 0")
 
 
 @dataclass
@@ -143,6 +156,18 @@ class ExperimentConfig:
     retriever: RetrieverConfig = _help("retriever", factory=RetrieverConfig)
     generator: GeneratorConfig = _help("generator", factory=GeneratorConfig)
     training: TrainingConfig = _help("training", factory=TrainingConfig)
+
+    def __post_init__(self):
+        uses_retrieval = self.regime in ("rag", "rag_ft", "reader")
+        if uses_retrieval and self.retriever.kind == "none":
+            raise ConfigError(f"regime '{self.regime}' needs a retriever: set retriever.kind (bm25, dense, hybrid)")
+        if not uses_retrieval and self.retriever.kind != "none":
+            raise ConfigError(f"regime '{self.regime}' is closed-book: retriever.kind must be 'none'")
+        if self.regime.endswith("_ft") != self.training.enabled and self.regime != "reader":
+            raise ConfigError(f"regime '{self.regime}' and training.enabled={self.training.enabled} disagree "
+                              "(fine-tuned regimes end in _ft and set training.enabled: true)")
+        if self.regime == "reader" and self.generator.kind != "extractive":
+            raise ConfigError("regime 'reader' needs generator.kind: extractive")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

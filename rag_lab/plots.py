@@ -38,3 +38,43 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+METRIC_LABELS = {"em": "EM", "f1": "F1", "match": "answer match", "recall@k": "answer recall@k"}
+
+
+def metrics_vs_k(rows, metrics: Sequence[str] = ("em", "f1", "match", "recall@k"), title: str = ""):
+    """EM, F1, answer match (and answer recall) against k, with 95% CI bands (rows from analysis.k_sweep)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    rows = rows.sort_values("k")
+    for m in metrics:
+        ax.plot(rows["k"], rows[m], marker="o", label=METRIC_LABELS.get(m, m))
+        ax.fill_between(rows["k"].astype(float), rows[m + "_low"].astype(float), rows[m + "_high"].astype(float), alpha=0.15)
+    ax.set_xlabel("k (passages in the prompt)")
+    ax.set_ylabel("score")
+    ax.set_xticks(list(rows["k"]))
+    ax.set_title(title or f"Zero-shot RAG against k (n={int(rows['n'].iloc[0])})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def metric_bars(table, metrics: Sequence[str] = ("em", "f1", "match"), label_col: str = "experiment", title: str = ""):
+    """Grouped bars of metrics per row of a results table, with 95% CI error bars."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(table) + 2), 4.2))
+    x = np.arange(len(table))
+    width = 0.8 / len(metrics)
+    for j, m in enumerate(metrics):
+        mean = table[m].astype(float).to_numpy()
+        err = np.vstack([mean - table[m + "_low"].astype(float), table[m + "_high"].astype(float) - mean])
+        ax.bar(x + (j - (len(metrics) - 1) / 2) * width, mean, width, yerr=err, capsize=3, label=METRIC_LABELS.get(m, m))
+    ax.set_xticks(x, table[label_col], rotation=20, ha="right")
+    ax.set_ylabel("score (95% bootstrap CI)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    return fig

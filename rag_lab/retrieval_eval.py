@@ -177,7 +177,7 @@ def ensure_trained_retriever(cfg, passages: Sequence[Passage], cache_dir=None, s
     tcfg = cfg.train_retriever
     out = Path(tcfg.output) if Path(tcfg.output).is_absolute() else REPO_ROOT / tcfg.output
     record = {"train_retriever": dataclasses.asdict(tcfg), "data": dataclasses.asdict(cfg.data), "n_passages": len(passages)}
-    marker = out / "rag_lab_training.json"
+    marker = out / "rag_lab_study.json"  # beside the trainer's own rag_lab_training.json
     if marker.exists() and json.loads(marker.read_text())["config"] == record:
         return out
     train = subset_questions(load_qa(cfg.data.dataset, cfg.data.train_split), cfg.data.n_train, cfg.data.subset_seed)

@@ -186,7 +186,11 @@ def versions() -> dict:
 
 
 def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progress: bool = True, model_path: str | None = None) -> RunResult:
-    """Run (or reload from the stage caches) one experiment and record it in the main table."""
+    """Run (or reload from the stage caches) one experiment and record it in the main table.
+
+    Fine-tuned regimes train one model per seed in `training.seeds` (or reuse finished ones);
+    the row reports the first seed's predictions with bootstrap CIs, and mean ± sd over seeds.
+    """
     t0 = time.perf_counter()
     timings = {}
     questions, train, passages = load_run_data(cfg)
@@ -196,21 +200,49 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     hits = retrieve_stage(cfg, questions, passages, show_progress)
     timings["retrieve_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    preds, key = generate_stage(cfg, questions, train, passages, hits, model_path or cfg.generator.model, show_progress)
-    timings["generate_s"] = time.perf_counter() - t
+    seeds = cfg.training.seeds if cfg.training.enabled else [cfg.seed]
+    per_seed, training = [], {}
+    for seed in seeds:
+        path = model_path or cfg.generator.model
+        if cfg.training.enabled:
+            from rag_lab.training.finetune import ensure_finetuned
 
-    rows = score_stage(questions, preds, hits, passages)
-    metrics = summarize_rows(rows, seed=cfg.seed)
+            t = time.perf_counter()
+            final, info = ensure_finetuned(cfg, seed, show_progress)
+            path = str(final)
+            timings[f"train_seed{seed}_s"] = time.perf_counter() - t
+            training[seed] = {"model": str(final.relative_to(REPO_ROOT)) if final.is_relative_to(REPO_ROOT) else str(final),
+                              **{k: info.get(k) for k in ("n_train", "n_dev", "skipped_empty_answers", "train_loss", "global_step",
+                                                           "best_checkpoint", "log_history", "dev_history")}}
+        t = time.perf_counter()
+        preds, key = generate_stage(cfg, questions, train, passages, hits, path, show_progress)
+        timings[f"generate_seed{seed}_s" if cfg.training.enabled else "generate_s"] = time.perf_counter() - t
+        rows = score_stage(questions, preds, hits, passages)
+        per_seed.append((seed, key, rows, summarize_rows(rows, seed=0)))
+
+    _, key, rows, metrics = per_seed[0]
+    metrics["seeds"] = seed_summary(per_seed)
     timings["wall_s"] = time.perf_counter() - t0
-    run_dir = write_run_folder(cfg, profile, key, rows, metrics, timings)
+    run_dir = write_run_folder(cfg, profile, key, rows, metrics, timings, training)
     row = table_row(cfg, metrics, eval_set_name(cfg, len(questions)), timings["wall_s"], run_dir)
     upsert_main_table([row], profile)
     return RunResult(run_dir, row, rows, metrics, timings)
 
 
-def write_run_folder(cfg, profile: str, key: str, rows, metrics, timings) -> Path:
+def seed_summary(per_seed) -> dict:
+    """Mean and sample sd over seeds of each metric (all questions)."""
+    out = {"seeds": [s for s, *_ in per_seed]}
+    for m in ("em", "f1", "match"):
+        values = np.array([metrics["all"][m]["mean"] for *_, metrics in per_seed])
+        out[m] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                  "values": values.tolist()}
+    return out
+
+
+def write_run_folder(cfg, profile: str, key: str, rows, metrics, timings, training: dict | None = None) -> Path:
     run_dir = profile_results_dir(profile) / "runs" / cfg.name / key[:12]
+    if training:
+        write_json(run_dir / "training.json", training)
     write_json(run_dir / "config.json", {"profile": profile, **cfg.to_dict()})
     write_jsonl(run_dir / "predictions.jsonl", rows)
     write_json(run_dir / "metrics.json", metrics)
@@ -234,7 +266,10 @@ def table_row(cfg: ExperimentConfig, metrics: dict, eval_set: str, wall_s: float
             if m in block:
                 col = ("recall@k" if m == "answer_in_passages" else m) + suffix
                 row[col], row[col + "_low"], row[col + "_high"] = block[m]["mean"], block[m]["low"], block[m]["high"]
-    row.update({"truncated": metrics["truncated"], "wall_s": round(wall_s, 1), "seed": cfg.seed,
+    seeds = metrics["seeds"]
+    for m in ("em", "f1", "match"):
+        row[f"{m}_seed_mean"], row[f"{m}_seed_sd"] = seeds[m]["mean"], seeds[m]["sd"]
+    row.update({"truncated": metrics["truncated"], "wall_s": round(wall_s, 1), "seeds": " ".join(map(str, seeds["seeds"])),
                 "run": run_dir.relative_to(profile_results_dir_root(run_dir)).as_posix()})
     return row
 
@@ -258,6 +293,10 @@ def display_main_table(table: pd.DataFrame) -> pd.DataFrame:
     for col, label in (("em_in_corpus", "EM (in corpus)"), ("f1_in_corpus", "F1 (in corpus)"),
                        ("match_in_corpus", "match (in corpus)"), ("recall@k_in_corpus", "recall@k (in corpus)")):
         out[label] = ci(col)
+    if "seeds" in table:
+        out["seeds"] = table["seeds"].astype(str)
+        out["EM mean ± sd over seeds"] = [
+            "" if pd.isna(m) else f"{m:.3f} ± {s:.3f}" for m, s in zip(table["em_seed_mean"], table["em_seed_sd"])]
     out["wall s"] = table["wall_s"]
     return out
 

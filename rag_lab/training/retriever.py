@@ -166,6 +166,7 @@ def train_dense_retriever(encoder, pairs: Sequence[TrainPair], output_dir: str |
     in place). Float32 throughout. The folder appears only when complete (written beside
     it, then renamed). Returns the report also saved there as `rag_lab_training.json`.
     """
+    from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
     from rag_lab.models import load_sentence_encoder
@@ -177,8 +178,6 @@ def train_dense_retriever(encoder, pairs: Sequence[TrainPair], output_dir: str |
     model = load_sentence_encoder(encoder) if isinstance(encoder, (str, Path)) else encoder
     model.max_seq_length = max_length
     mnrl, batch_samplers = _st_training_api()
-    from datasets import Dataset
-
     dataset = Dataset.from_dict(_columns(pairs, query_prefix, passage_prefix))
     steps = math.ceil(len(pairs) / batch_size) * epochs
     loss_before = contrastive_loss(model, pairs, batch_size, query_prefix, passage_prefix)

@@ -1,0 +1,248 @@
+"""Fine-tuning a generator on question -> answer, closed-book or with retrieved passages.
+
+Built on the Hugging Face Trainer, so the same code runs on one CPU, one GPU, or many
+GPUs / nodes (`accelerate launch` / `torchrun`). The loss covers the answer tokens only:
+prompt tokens are labelled -100. Dev EM (greedy decoding on a slice held out from train)
+is computed at every evaluation and drives checkpoint selection and early stopping.
+
+    examples, skipped = build_sft_examples(prompts, answers, tokenizer)
+    report = train_generator(model, tokenizer, examples, dev, builder, settings, output_dir)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+
+from rag_lab.data.records import Passage, QAExample
+from rag_lab.io import write_json
+from rag_lab.metrics import score_predictions
+
+CONFIG_FILE = "rag_lab_config.json"  # the settings that made a checkpoint folder
+IGNORE = -100
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (bad data, diverged loss, a resume with another config)."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What the Trainer needs from `TrainingConfig`, plus the paths; the config file of a run."""
+
+    method: str = "full"
+    learning_rate: float = 5e-5
+    epochs: float = 2.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    eval_steps: int = 50
+    patience: int = 3
+    group_by_length: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    seed: int = 0
+    tensorboard: bool = False
+    max_new_tokens: int = 16
+
+
+# ---------------------------------------------------------------- data
+
+def build_sft_examples(prompts: Sequence[str], answers: Sequence[str], tokenizer, add_special_tokens: bool = False) -> tuple[list[dict], int]:
+    """Token ids and labels: -100 over the prompt, the answer + EOS as targets.
+    An answer that tokenises to nothing is skipped and counted (second return value)."""
+    if not prompts:
+        raise TrainingError("empty training set: no examples to train on")
+    examples, skipped = [], 0
+    for prompt, answer in zip(prompts, answers):
+        answer_ids = tokenizer(answer.strip(), add_special_tokens=False)["input_ids"] if answer.strip() else []
+        if not answer_ids:
+            skipped += 1
+            continue
+        prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+        target = answer_ids + [tokenizer.eos_token_id]
+        examples.append({"input_ids": prompt_ids + target, "labels": [IGNORE] * len(prompt_ids) + target})
+    if not examples:
+        raise TrainingError(f"empty training set: all {skipped} answers tokenised to nothing")
+    return examples, skipped
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def pad_collate(pad_id: int):
+    """Right-pad ids with `pad_id`, labels with -100; attention mask 1 on real tokens."""
+    def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return collate
+
+
+def padding_fraction(examples: Sequence[dict], batch_size: int, group_by_length: bool, seed: int = 0) -> float:
+    """Fraction of pad tokens in an epoch of batches, with or without length grouping (for the benchmark)."""
+    import random
+
+    lengths = [len(e["input_ids"]) for e in examples]
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    if group_by_length:  # as LengthGroupedSampler: shuffled mega-batches of 50 batches, sorted by length inside
+        mega = batch_size * 50
+        order = [i for s in range(0, len(order), mega) for i in sorted(order[s:s + mega], key=lambda i: -lengths[i])]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    real = sum(lengths)
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    return 1 - real / padded
+
+
+# ---------------------------------------------------------------- callbacks
+
+class DevEMCallback(TrainerCallback):
+    """At each evaluation: greedy answers on the dev slice -> `eval_dev_em` (and F1) in the metrics,
+    before the Trainer picks the best checkpoint and before early stopping looks."""
+
+    def __init__(self, make_generator, dev: Sequence[QAExample], dev_contexts=None):
+        self.make_generator, self.dev, self.dev_contexts = make_generator, list(dev), dev_contexts
+        self.history: list[dict] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        was_training = model.training
+        model.eval()
+        preds = self.make_generator(model).generate(self.dev, self.dev_contexts)
+        model.train(was_training)
+        scores = score_predictions([p["prediction"] for p in preds], [q.answers for q in self.dev])
+        metrics["eval_dev_em"] = float(scores["em"].mean())
+        metrics["eval_dev_f1"] = float(scores["f1"].mean())
+        self.history.append({"step": state.global_step, "dev_em": metrics["eval_dev_em"], "dev_f1": metrics["eval_dev_f1"],
+                             "eval_loss": metrics.get("eval_loss")})
+        state.log_history.append({"step": state.global_step, "eval_dev_em": metrics["eval_dev_em"], "eval_dev_f1": metrics["eval_dev_f1"]})
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop with a clear error when the logged loss is NaN or inf. Logging comes before saving
+    in the Trainer's step, so the last checkpoint on disk is the last good one."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise TrainingError(f"training loss became {loss} at step {state.global_step}; the last good checkpoint "
+                                f"is kept in {args.output_dir} (lower the learning rate?)")
+
+
+# ---------------------------------------------------------------- model preparation
+
+def apply_lora(model, settings: TrainSettings):
+    """Wrap `model` with LoRA adapters on `lora_targets`; targets that match nothing are an error."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in settings.lora_targets if t not in names]
+    if missing:
+        raise TrainingError(f"LoRA target modules {missing} match nothing in {type(model).__name__}; "
+                            f"linear layers include {sorted(n for n in names if 'proj' in n or 'fc' in n)[:12]}")
+    config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                        target_modules=list(settings.lora_targets), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def check_resume_config(output_dir: Path, record: dict) -> bool:
+    """True if `output_dir` holds checkpoints made with `record`; error naming the differing keys otherwise."""
+    path = output_dir / CONFIG_FILE
+    if not path.exists():
+        return False
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    diff = sorted(k for k in saved.keys() | record.keys() if saved.get(k) != record.get(k))
+    if diff:
+        raise TrainingError(f"{output_dir} holds checkpoints from a different config; differing keys: {', '.join(diff)} "
+                            "(use another output folder, or delete it to start over)")
+    return True
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if output_dir.exists() else None
+
+
+# ---------------------------------------------------------------- training
+
+def training_arguments(settings: TrainSettings, output_dir: Path, n_dev: int, dev_em: bool) -> TrainingArguments:
+    """Trainer arguments; with a dev set the best checkpoint is kept by dev EM (or dev loss without the EM callback)."""
+    return TrainingArguments(
+        output_dir=str(output_dir), seed=settings.seed, data_seed=settings.seed,
+        learning_rate=settings.learning_rate, num_train_epochs=settings.epochs, weight_decay=settings.weight_decay,
+        per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum, lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
+        eval_strategy="steps" if n_dev else "no", eval_steps=settings.eval_steps,
+        save_strategy="steps", save_steps=settings.eval_steps, save_total_limit=2,
+        logging_steps=settings.eval_steps if settings.eval_steps < 10 else 10, logging_nan_inf_filter=False,
+        load_best_model_at_end=bool(n_dev), metric_for_best_model=("dev_em" if dev_em else "loss") if n_dev else None,
+        greater_is_better=dev_em,
+        report_to=["tensorboard"] if settings.tensorboard else [], dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=False, remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every parameter gets a gradient (LoRA: frozen ones need none)
+    )
+
+
+def train_generator(model, tokenizer, train_examples: list[dict], output_dir: str | Path, settings: TrainSettings,
+                    dev_examples: list[dict] | None = None, dev_callback: DevEMCallback | None = None,
+                    record: dict | None = None) -> dict:
+    """Fine-tune `model` on token-level SFT examples; resume from the last checkpoint in `output_dir`
+    when its config matches. Returns the loss / dev-EM history; the best model is left in `model`."""
+    output_dir = Path(output_dir)
+    record = json.loads(json.dumps(record or dataclasses.asdict(settings)))  # as it will read back from disk
+    resume = check_resume_config(output_dir, record) and last_checkpoint(output_dir)
+    if settings.method == "lora":
+        model = apply_lora(model, settings)
+    callbacks = [StopOnNonFiniteLoss()]
+    if dev_callback is not None:  # before early stopping, which reads the dev EM it writes
+        callbacks += [dev_callback, EarlyStoppingCallback(early_stopping_patience=settings.patience)]
+    trainer = Trainer(model=model, args=training_arguments(settings, output_dir, len(dev_examples or []), dev_callback is not None),
+                      train_dataset=ListDataset(train_examples), eval_dataset=ListDataset(dev_examples) if dev_examples else None,
+                      data_collator=pad_collate(tokenizer.pad_token_id), callbacks=callbacks)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(output_dir / CONFIG_FILE, record)
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    model = trainer.model
+    if settings.method == "lora":
+        model = model.merge_and_unload()  # plain weights: inference needs no peft
+    return {"model": model, "train_loss": result.training_loss, "global_step": trainer.state.global_step,
+            "log_history": trainer.state.log_history, "best_checkpoint": trainer.state.best_model_checkpoint,
+            "dev_history": dev_callback.history if dev_callback else []}
+
+
+def save_model(model, tokenizer, path: str | Path, info: dict) -> Path:
+    """Save the final model (safetensors) + tokenizer + how it was made, atomically, loadable by path."""
+    from rag_lab.retrievers.cache import atomic_dir
+
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "rag_lab_training.json", info)
+    return path

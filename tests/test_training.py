@@ -1,0 +1,196 @@
+"""Generator fine-tuning: label masking, a step lowers the loss, resume == uninterrupted,
+LoRA merge, bad inputs, and a 2-process run equal to a single-process one."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from rag_lab.training.generator import (IGNORE, TrainingError, TrainSettings, apply_lora, build_sft_examples,
+                                        pad_collate, padding_fraction, train_generator)
+from tiny_models import make_tiny_causal_lm
+
+PROMPTS = ["question who was king answer", "question what is the capital of france answer",
+           "question where is berlin answer", "question which river is in paris answer", "question when was the king born answer",
+           "question who was the queen answer"]
+ANSWERS = ["louis", "paris", "germany", "seine", "year", "marie"]
+
+
+def settings(**kw):
+    base = dict(learning_rate=5e-3, epochs=2, batch_size=2, eval_steps=2, group_by_length=False, warmup_ratio=0.0, seed=0)
+    return TrainSettings(**{**base, **kw})
+
+
+def mean_loss(model, examples):
+    batch = pad_collate(0)(examples)
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def test_labels_mask_the_prompt_and_keep_the_answer():
+    _, tok = make_tiny_causal_lm()
+    examples, skipped = build_sft_examples(["question who was king answer"], ["louis"], tok)
+    (ex,), eos = examples, tok.eos_token_id
+    prompt_ids = tok("question who was king answer", add_special_tokens=False)["input_ids"]
+    answer_ids = tok("louis", add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"] == prompt_ids + answer_ids + [eos]
+    assert ex["labels"] == [IGNORE] * len(prompt_ids) + answer_ids + [eos]
+    assert skipped == 0
+    batch = pad_collate(tok.pad_token_id)([ex, build_sft_examples(["question"], ["paris"], tok)[0][0]])
+    assert batch["labels"][1].tolist()[3:] == [IGNORE] * (len(ex["input_ids"]) - 3)  # padding is never a target
+    assert batch["attention_mask"][1].sum() == 3
+
+
+def test_loss_covers_answer_tokens_only():
+    model, tok = make_tiny_causal_lm()
+    examples, _ = build_sft_examples(PROMPTS[:1], ANSWERS[:1], tok)
+    batch = pad_collate(0)(examples)
+    logits = model(input_ids=batch["input_ids"]).logits[0, :-1]
+    targets = batch["labels"][0, 1:]
+    keep = targets != IGNORE
+    by_hand = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    assert model(**batch).loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert keep.sum() == 2  # "louis" + EOS
+
+
+def test_bad_training_inputs():
+    _, tok = make_tiny_causal_lm()
+    with pytest.raises(TrainingError, match="empty training set"):
+        build_sft_examples([], [], tok)
+    examples, skipped = build_sft_examples(PROMPTS[:3], ["louis", "   ", "germany"], tok)
+    assert (len(examples), skipped) == (2, 1)
+    with pytest.raises(TrainingError, match="all 2 answers tokenised to nothing"):
+        build_sft_examples(PROMPTS[:2], ["", " "], tok)
+
+
+def test_training_lowers_the_loss(tmp_path):
+    model, tok = make_tiny_causal_lm()
+    examples, _ = build_sft_examples(PROMPTS, ANSWERS, tok)
+    before = mean_loss(model, examples)
+    report = train_generator(model, tok, examples, tmp_path / "out", settings(epochs=3))
+    assert mean_loss(report["model"], examples) < before - 0.5
+    assert report["global_step"] == 9
+
+
+class InterruptAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    _, tok = make_tiny_causal_lm()
+    examples, _ = build_sft_examples(PROMPTS, ANSWERS, tok)
+    straight = train_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "a", settings())["model"]
+
+    import rag_lab.training.generator as gen
+
+    real_cls = gen.StopOnNonFiniteLoss
+    monkeypatch.setattr(gen, "StopOnNonFiniteLoss", lambda: InterruptAt(5))  # dies after checkpoint-4
+    with pytest.raises(KeyboardInterrupt):
+        train_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "b", settings())
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    monkeypatch.setattr(gen, "StopOnNonFiniteLoss", real_cls)
+    resumed = train_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "b", settings())["model"]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+    with pytest.raises(TrainingError, match="differing keys: learning_rate"):
+        train_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "b", settings(learning_rate=1e-3))
+
+
+class PoisonAt(TrainerCallback):
+    """Make the weights NaN after step `step`, as a diverging run would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    model, tok = make_tiny_causal_lm()
+    examples, _ = build_sft_examples(PROMPTS, ANSWERS, tok)
+    import rag_lab.training.generator as gen
+
+    real = gen.train_generator.__globals__["StopOnNonFiniteLoss"]
+
+    class Both(real):
+        def __init__(self):
+            self.poison = PoisonAt(3)
+
+        def on_step_end(self, *a, **kw):
+            return self.poison.on_step_end(*a, **kw)
+
+    monkeypatch.setattr(gen, "StopOnNonFiniteLoss", Both)
+    with pytest.raises(TrainingError, match=r"training loss became nan at step 4"):
+        train_generator(model, tok, examples, tmp_path / "out", settings())
+    good = load_file(str(tmp_path / "out" / "checkpoint-2" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in good.values())
+    assert not (tmp_path / "out" / "checkpoint-4").exists()
+
+
+def test_lora_merge_is_equivalent():
+    model, tok = make_tiny_causal_lm()
+    lora = apply_lora(model, settings(lora_targets=("q_proj", "v_proj"), lora_r=4)).eval()  # no dropout
+    torch.manual_seed(1)
+    with torch.no_grad():  # B starts at zero (a no-op adapter): make it do something
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    with torch.no_grad():
+        before = lora(input_ids=ids).logits
+        merged = lora.merge_and_unload()
+        after = merged(input_ids=ids).logits
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(before, after, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_targets_must_match():
+    model, _ = make_tiny_causal_lm()
+    with pytest.raises(TrainingError, match=r"LoRA target modules \['query'\] match nothing"):
+        apply_lora(model, settings(lora_targets=("q_proj", "query")))
+
+
+def test_lora_training_runs_and_merges(tmp_path):
+    model, tok = make_tiny_causal_lm()
+    examples, _ = build_sft_examples(PROMPTS, ANSWERS, tok)
+    before = mean_loss(model, examples)
+    report = train_generator(model, tok, examples, tmp_path / "out", settings(method="lora", learning_rate=5e-2, epochs=3))
+    assert not any("lora" in n for n, _ in report["model"].named_parameters())
+    assert mean_loss(report["model"], examples) < before
+
+
+def test_padding_fraction_is_lower_with_length_grouping():
+    _, tok = make_tiny_causal_lm()
+    prompts = [" ".join(["question"] * n) + " answer" for n in range(1, 40)]
+    examples, _ = build_sft_examples(prompts, ["paris"] * len(prompts), tok)
+    assert padding_fraction(examples, 4, group_by_length=True) < padding_fraction(examples, 4, group_by_length=False)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    """torchrun --nproc_per_node 2 (DDP over gloo on the CPU): both ranks end identical, and equal to
+    one process with the same global batch (2 x 2 = 4)."""
+    script = str(__import__("pathlib").Path(__file__).parent / "ddp_train.py")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    subprocess.run(launch + [script, str(tmp_path / "two"), "2"], check=True, timeout=600)
+    subprocess.run([sys.executable, script, str(tmp_path / "one"), "4"], check=True, timeout=600)
+    r0, r1 = load_file(str(tmp_path / "two" / "rank0.safetensors")), load_file(str(tmp_path / "two" / "rank1.safetensors"))
+    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    initial = make_tiny_causal_lm(seed=0)[0].state_dict()
+    assert any(not torch.equal(single[k], initial[k]) for k in single)  # training changed the weights
+    for k in r0:
+        torch.testing.assert_close(r0[k], r1[k], rtol=0, atol=0, msg=f"ranks differ on {k}")
+        torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5, msg=f"2 processes != 1 process on {k}")
