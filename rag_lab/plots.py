@@ -78,3 +78,23 @@ def metric_bars(table, metrics: Sequence[str] = ("em", "f1", "match"), label_col
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def learning_curves(training: dict, title: str = ""):
+    """Train loss and dev EM against optimiser steps, one line per seed (from RunResult.training)."""
+    fig, (ax_loss, ax_em) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for seed, info in training.items():
+        history = info.get("log_history") or []
+        steps = [h["step"] for h in history if "loss" in h]
+        ax_loss.plot(steps, [h["loss"] for h in history if "loss" in h], label=f"train loss, seed {seed}")
+        evals = [h for h in history if "eval_loss" in h]
+        if evals:
+            ax_loss.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "--", label=f"dev loss, seed {seed}")
+        dev = info.get("dev_history") or []
+        ax_em.plot([d["step"] for d in dev], [d["dev_em"] for d in dev], marker="o", label=f"dev EM, seed {seed}")
+        ax_em.plot([d["step"] for d in dev], [d["dev_f1"] for d in dev], marker=".", ls=":", label=f"dev F1, seed {seed}")
+    ax_loss.set_xlabel("optimiser step"); ax_loss.set_ylabel("loss (answer tokens)"); ax_loss.grid(alpha=0.3); ax_loss.legend()
+    ax_em.set_xlabel("optimiser step"); ax_em.set_ylabel("dev score (held out from train)"); ax_em.grid(alpha=0.3); ax_em.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -36,6 +36,7 @@ class RunResult:
     predictions: list[dict]
     metrics: dict
     timings: dict
+    training: dict  # seed -> training report (fine-tuned regimes), else empty
 
 
 def cache_root() -> Path:
@@ -205,10 +206,8 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     for seed in seeds:
         path = model_path or cfg.generator.model
         if cfg.training.enabled:
-            from rag_lab.training.finetune import ensure_finetuned
-
             t = time.perf_counter()
-            final, info = ensure_finetuned(cfg, seed, show_progress)
+            final, info = trainer_for(cfg)(cfg, seed, show_progress)
             path = str(final)
             timings[f"train_seed{seed}_s"] = time.perf_counter() - t
             training[seed] = {"model": str(final.relative_to(REPO_ROOT)) if final.is_relative_to(REPO_ROOT) else str(final),
@@ -226,7 +225,18 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     run_dir = write_run_folder(cfg, profile, key, rows, metrics, timings, training)
     row = table_row(cfg, metrics, eval_set_name(cfg, len(questions)), timings["wall_s"], run_dir)
     upsert_main_table([row], profile)
-    return RunResult(run_dir, row, rows, metrics, timings)
+    return RunResult(run_dir, row, rows, metrics, timings, training)
+
+
+def trainer_for(cfg):
+    """The training entry point of a regime: the extractive reader has its own; generators share one."""
+    if cfg.regime == "reader":
+        from rag_lab.training.reader import ensure_reader_trained
+
+        return ensure_reader_trained
+    from rag_lab.training.finetune import ensure_finetuned
+
+    return ensure_finetuned
 
 
 def seed_summary(per_seed) -> dict:

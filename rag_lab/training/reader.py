@@ -1,0 +1,249 @@
+"""Training the extractive reader (DPR-style) by distant supervision.
+
+NQ-open gives answer strings, not spans, so — as DPR's reader does — every retrieved passage
+in which a gold answer occurs is a positive, labelled with the token span of that occurrence,
+and the highest-ranked passages with no answer are negatives, labelled with the [CLS] position
+(as Hugging Face's run_qa labels unanswerable features). Questions whose passages hold no
+answer teach nothing and are skipped (counted).
+
+    features, stats = build_reader_features(train, train_contexts, tokenizer)
+    report = train_reader("all-minilm-l6-v2", features, dev, dev_contexts, out, settings, record)
+    reader = ExtractiveReader(report["final_dir"])          # trained head: no warning
+
+    model_dir, info = ensure_reader_trained(cfg, seed=0)    # from an ExperimentConfig: trains or reuses
+
+One feature = one (question, passage) pair, read exactly as `ExtractiveReader` reads it:
+the question, then `passage_text(p)` = "title. text", truncated to `max_length` tokens
+(passage side only). The Trainer conventions (dev EM drives checkpoint choice and early
+stopping, resume by config, atomic final save) are those of `rag_lab.training.generator`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import EarlyStoppingCallback, Trainer
+
+from rag_lab.data.records import Passage, QAExample
+from rag_lab.io import write_json
+from rag_lab.metrics import gold_spans, has_answer_normalized, padded_normalized
+from rag_lab.retrievers.base import passage_text
+from rag_lab.training.finetune import FINAL, output_dir_for, settings_from, split_train_dev, training_record
+from rag_lab.training.generator import (CONFIG_FILE, DevEMCallback, ListDataset, StopOnNonFiniteLoss, TrainingError,
+                                        TrainSettings, check_resume_config, last_checkpoint, save_model,
+                                        training_arguments)
+
+# The reader at evaluation time (`build_generator` -> ExtractiveReader) reads 384 tokens; train on the same window.
+MAX_LENGTH = 384
+NEGATIVES_PER_QUESTION = 1
+
+
+# ---------------------------------------------------------------- distant supervision
+
+def find_answer_spans(answers: Sequence[str], context: str) -> list[tuple[int, int]]:
+    """(start_char, end_char) of the first occurrence of each gold answer in `context`, end exclusive,
+    sorted by position (then by end), duplicates removed.
+
+    Case-insensitive, at word boundaries ("1" does not match inside "1972"), and any run of white
+    space in an answer matches any run in the context. Blank answers match nothing.
+    """
+    if isinstance(answers, str):  # a bare string would be searched character by character
+        raise TypeError("answers must be a sequence of strings, not a single string")
+    spans = set()
+    for answer in answers:
+        words = answer.split()
+        if not words:
+            continue
+        pattern = r"(?<!\w)" + r"\s+".join(map(re.escape, words)) + r"(?!\w)"
+        match = re.search(pattern, context, flags=re.IGNORECASE)
+        if match:
+            spans.add(match.span())
+    return sorted(spans)
+
+
+def _token_span(offsets, sequence_ids, start_char: int, end_char: int) -> tuple[int, int] | None:
+    """Token indices (inclusive) of the passage tokens covering [start_char, end_char); None if
+    truncation cut the span off. Offsets of passage tokens index into the passage string."""
+    context = [t for t, sid in enumerate(sequence_ids) if sid == 1]
+    if not context or offsets[context[0]][0] > start_char or offsets[context[-1]][1] < end_char:
+        return None
+    start = max(t for t in context if offsets[t][0] <= start_char)
+    end = min(t for t in context if offsets[t][1] >= end_char)
+    return start, end
+
+
+def build_reader_features(examples: Sequence[QAExample], contexts: Sequence[Sequence[Passage]], tokenizer,
+                          max_length: int = MAX_LENGTH, negatives_per_question: int = NEGATIVES_PER_QUESTION
+                          ) -> tuple[list[dict], dict]:
+    """Span-labelled features from each question's retrieved passages, and counts of what was kept.
+
+    Positive: a passage holding a gold answer (`find_answer_spans`), labelled with its first span
+    that survives truncation; a positive whose spans were all truncated away is dropped
+    (`dropped_truncated`). Negatives: the `negatives_per_question` highest-ranked passages with
+    no answer even after SQuAD normalisation (a passage that holds "U.S." as "US" is neither:
+    calling it answerless would teach the reader to miss it), labelled start = end = [CLS].
+    A question with no positive feature is skipped whole (`skipped_no_positive`).
+    """
+    if not getattr(tokenizer, "is_fast", False):  # offset mappings and sequence_ids() need a fast tokenizer
+        raise ValueError(f"reader features need a fast tokenizer, got {type(tokenizer).__name__}")
+    if len(contexts) != len(examples):
+        raise ValueError(f"{len(examples)} examples but {len(contexts)} contexts")
+    if negatives_per_question < 0:
+        raise ValueError(f"negatives_per_question must be >= 0, got {negatives_per_question}")
+    stats = {"n_questions": len(examples), "n_features": 0, "n_positive": 0, "n_negative": 0,
+             "skipped_no_positive": 0, "dropped_truncated": 0}
+    features = []
+    for example, passages in zip(examples, contexts):
+        positives, negatives, dropped = _question_features(example, passages, tokenizer, max_length, negatives_per_question)
+        stats["dropped_truncated"] += dropped
+        if not positives:
+            stats["skipped_no_positive"] += 1
+            continue
+        features += positives + negatives
+        stats["n_positive"] += len(positives)
+        stats["n_negative"] += len(negatives)
+    stats["n_features"] = len(features)
+    return features, stats
+
+
+def _question_features(example: QAExample, passages: Sequence[Passage], tokenizer, max_length: int,
+                       n_negatives: int) -> tuple[list[dict], list[dict], int]:
+    """(positive features, negative features, positives dropped by truncation) of one question."""
+    if not passages:
+        return [], [], 0
+    texts = [passage_text(p) for p in passages]
+    enc = tokenizer([example.question] * len(texts), texts, truncation="only_second", max_length=max_length,
+                    return_offsets_mapping=True)
+    golds = gold_spans(example.answers)
+    positives, negatives, dropped = [], [], 0
+    for i, text in enumerate(texts):
+        spans = find_answer_spans(example.answers, text)
+        if spans:
+            token_spans = (_token_span(enc["offset_mapping"][i], enc.sequence_ids(i), *s) for s in spans)
+            span = next((t for t in token_spans if t is not None), None)
+            if span is None:
+                dropped += 1
+            else:
+                positives.append(_feature(enc, i, *span))
+        elif len(negatives) < n_negatives and not has_answer_normalized(golds, padded_normalized(text)):
+            cls = tokenizer.cls_token_id
+            ids = enc["input_ids"][i]
+            at = ids.index(cls) if cls is not None and cls in ids else 0
+            negatives.append(_feature(enc, i, at, at))
+    return positives, negatives, dropped
+
+
+def _feature(enc, i: int, start: int, end: int) -> dict:
+    row = {key: list(enc[key][i]) for key in ("input_ids", "attention_mask", "token_type_ids") if key in enc}
+    return {**row, "start_positions": start, "end_positions": end}
+
+
+def qa_collate(pad_id: int):
+    """Right-pad input_ids with `pad_id` (attention_mask and token_type_ids with 0); stack the span labels."""
+    def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(b["input_ids"]) for b in batch)
+        out = {}
+        for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
+            if key in batch[0]:
+                out[key] = torch.tensor([b[key] + [fill] * (width - len(b[key])) for b in batch], dtype=torch.long)
+        for key in ("start_positions", "end_positions"):
+            out[key] = torch.tensor([b[key] for b in batch], dtype=torch.long)
+        return out
+    return collate
+
+
+# ---------------------------------------------------------------- training
+
+def train_reader(model_name_or_path: str, features: list[dict], dev_examples: Sequence[QAExample],
+                 dev_contexts: Sequence[Sequence[Passage]] | None, output_dir: str | Path, settings: TrainSettings,
+                 record: dict | None = None, *, max_length: int = MAX_LENGTH,
+                 negatives_per_question: int = NEGATIVES_PER_QUESTION, notes: dict | None = None) -> dict:
+    """Fine-tune a QA-head model on span features; the best model (by dev EM) goes to `output_dir/final`.
+
+    Checkpoints go to `output_dir`; a rerun with the same `record` resumes from the last one.
+    With dev examples, each evaluation reads the dev contexts with an `ExtractiveReader` (dev EM
+    picks the checkpoint, early stopping watches it) and reports the span loss on dev features
+    built like the training ones. `notes` are written into final/rag_lab_training.json beside
+    the training report (which is also returned, with "final_dir").
+    """
+    from rag_lab.generators.extractive import ExtractiveReader, load_qa_model
+
+    if settings.method != "full":  # LoRA targets in TrainSettings are decoder names; a span head on a small encoder trains fully
+        raise TrainingError(f"the extractive reader trains with method 'full', got {settings.method!r}")
+    if not features:
+        raise TrainingError("empty training set: no reader features (no question's passages hold an answer span)")
+    output_dir = Path(output_dir)
+    record = json.loads(json.dumps(record or dataclasses.asdict(settings)))  # as it will read back from disk
+    resume = check_resume_config(output_dir, record) and last_checkpoint(output_dir)
+    model, tokenizer, _ = load_qa_model(model_name_or_path)  # an untrained head is the point of training
+    dev_examples = list(dev_examples)
+    callbacks, dev_features, dev_callback = [StopOnNonFiniteLoss()], [], None
+    if dev_examples:
+        dev_features, _ = build_reader_features(dev_examples, dev_contexts, tokenizer, max_length, negatives_per_question)
+        if not dev_features:  # the Trainer evaluates only with an eval set
+            raise TrainingError(f"none of the {len(dev_examples)} dev questions has an answer in its passages: "
+                                "raise training.dev_size or retriever.k")
+
+        def make_reader(m):
+            return ExtractiveReader(model_name_or_path, max_length=max_length, batch_size=settings.batch_size,
+                                    model=m, tokenizer=tokenizer)
+
+        dev_callback = DevEMCallback(make_reader, dev_examples, dev_contexts)
+        callbacks += [dev_callback, EarlyStoppingCallback(early_stopping_patience=settings.patience)]
+    trainer = Trainer(model=model, args=training_arguments(settings, output_dir, len(dev_examples), dev_callback is not None),
+                      train_dataset=ListDataset(features), eval_dataset=ListDataset(dev_features) if dev_features else None,
+                      data_collator=qa_collate(tokenizer.pad_token_id), callbacks=callbacks)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(output_dir / CONFIG_FILE, record)
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    info = {"record": record, **(notes or {}), "n_train": len(features), "n_dev": len(dev_examples),
+            "n_dev_features": len(dev_features), "train_loss": result.training_loss,
+            "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
+            "log_history": trainer.state.log_history, "dev_history": dev_callback.history if dev_callback else []}
+    info = json.loads(json.dumps(info, default=str))
+    final = save_model(trainer.model, tokenizer, output_dir / FINAL, info)
+    return {**info, "final_dir": str(final)}
+
+
+def ensure_reader_trained(cfg, seed: int, show_progress: bool = True) -> tuple[Path, dict]:
+    """The trained reader folder for (cfg, seed) of regime "reader": reused when a finished one
+    was made with the same training record, trained otherwise. Returns (final dir, its training info)."""
+    out = output_dir_for(cfg, seed)
+    final, record = out / FINAL, training_record(cfg, seed)
+    done = final / "rag_lab_training.json"
+    if done.exists():
+        info = json.loads(done.read_text(encoding="utf-8"))
+        if info.get("record") == json.loads(json.dumps(record)):
+            return final, info
+    info = _train(cfg, seed, out, record, show_progress)
+    info.pop("final_dir")
+    return final, info
+
+
+def _train(cfg, seed: int, out: Path, record: dict, show_progress: bool) -> dict:
+    from transformers import AutoTokenizer
+
+    from rag_lab.data import load_corpus, load_qa
+    from rag_lab.data.subsets import subset_corpus
+    from rag_lab.models import resolve_model
+    from rag_lab.pipeline import contexts_from_hits
+    from rag_lab.retrievers import build_retriever, cached_retrieve
+
+    if cfg.regime != "reader" or cfg.generator.kind != "extractive":
+        raise ValueError(f"reader training is for regime 'reader' with generator.kind 'extractive', got "
+                         f"{cfg.regime!r} / {cfg.generator.kind!r} (generators fine-tune with ensure_finetuned)")
+    torch.manual_seed(seed)
+    train, dev = split_train_dev(load_qa(cfg.data.dataset, cfg.data.train_split), cfg.training.dev_size, cfg.data.n_train, seed)
+    passages = load_corpus(cfg.data.corpus)
+    passages = subset_corpus(passages, train + dev, cfg.data.n_corpus, cfg.data.subset_seed) if cfg.data.n_corpus else passages
+    retriever = build_retriever(cfg.retriever, passages, show_progress=show_progress)
+    train_ctx = contexts_from_hits(cached_retrieve(retriever, train, cfg.retriever.k), passages)
+    dev_ctx = contexts_from_hits(cached_retrieve(retriever, dev, cfg.retriever.k), passages) if dev else None
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(cfg.generator.model)), trust_remote_code=False)
+    features, stats = build_reader_features(train, train_ctx, tokenizer)
+    return train_reader(cfg.generator.model, features, dev, dev_ctx, out, settings_from(cfg, seed), record,
+                        notes={"stats": stats, "n_train_questions": len(train)})
