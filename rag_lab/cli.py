@@ -25,6 +25,16 @@ def _reproduce(args: argparse.Namespace) -> None:
     from rag_lab.notebooks import run_notebooks
 
     run_notebooks(profile=args.profile)
+    if args.profile == "default":
+        from rag_lab.readme import update_readme
+
+        print("README tables", "updated" if update_readme() else "already current")
+
+
+def _readme(args: argparse.Namespace) -> None:
+    from rag_lab.readme import update_readme
+
+    print("README tables", "updated" if update_readme() else "already current")
 
 
 def _retrieval(args: argparse.Namespace) -> None:
@@ -90,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("table", help="print the main results table")
     p.add_argument("--profile", choices=PROFILES, default="default")
     p.set_defaults(func=_table)
+
+    p = sub.add_parser("readme", help="regenerate the README's tables from results/")
+    p.set_defaults(func=_readme)
 
     p = sub.add_parser("config-help", help="list every experiment config key with its default and help")
     p.set_defaults(func=_config_help)

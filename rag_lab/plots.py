@@ -98,3 +98,52 @@ def learning_curves(training: dict, title: str = ""):
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def recall_vs_em(table, metric: str = "em", title: str = ""):
+    """Answer recall@k of the passages a reader saw against its score, one point per RAG row (95% CIs both ways)."""
+    rag = table[table["recall@k"].notna()] if "recall@k" in table else table.iloc[0:0]
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    for rd in rag.to_dict("records"):
+        r, m = rd["recall@k"], rd[metric]
+        ax.errorbar(r, m, xerr=[[r - rd["recall@k_low"]], [rd["recall@k_high"] - r]],
+                    yerr=[[m - rd[f"{metric}_low"]], [rd[f"{metric}_high"] - m]], fmt="o", capsize=3, label=rd["experiment"])
+    lim = max([0.05] + list(rag.get("recall@k_high", [])))
+    ax.plot([0, lim], [0, lim], ls=":", color="grey", label="score = recall")
+    ax.set_xlabel("answer recall@k of the passages read")
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.set_title(title or f"Retrieval ceiling vs reader {METRIC_LABELS.get(metric, metric)}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def attribution_bars(attribution, title: str = ""):
+    """Stacked bars: correct / correct without the answer in the passages / reader miss / retrieval miss."""
+    from rag_lab.analysis import ATTRIBUTION
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(attribution) + 2), 4.2))
+    bottom = [0.0] * len(attribution)
+    colors = ["#2a9d8f", "#8ab17d", "#e9c46a", "#e76f51"]
+    for cat, color in zip(ATTRIBUTION, colors):
+        frac = (attribution[cat] / attribution["n"]).tolist()
+        ax.bar(attribution["experiment"], frac, bottom=bottom, label=cat, color=color)
+        bottom = [b + f for b, f in zip(bottom, frac)]
+    ax.set_ylabel(f"fraction of questions (correct = {attribution['metric'].iloc[0]})")
+    ax.set_title(title or "Error attribution of the RAG rows")
+    ax.tick_params(axis="x", rotation=20)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def histogram(values, bins: int = 40, xlabel: str = "", title: str = ""):
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    ax.hist(values, bins=bins, color="#457b9d")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -3,6 +3,7 @@
     load_qa("nq-mini", "eval")             # a registered name
     load_qa("path/to/questions.jsonl")     # a local jsonl / json / parquet file
     load_qa("hf:nq_open", "validation")    # a hub dataset (needs network); "owner/name" works too
+    load_corpus("hf:facebook/wiki_dpr:psgs_w100.nq.no_index")   # hf:<id>:<config>
 
 Adding a dataset is one module with `SPLITS`, `load_split(split)` (and optionally
 `load_corpus()`) plus one line in `DATASETS` below.
@@ -46,10 +47,12 @@ DATASETS: dict[str, Dataset | ModuleType] = {
 CORPORA: dict[str, ModuleType] = {"nq-mini": nq_mini}
 
 
-def _hub_id(name: str) -> str | None:
+def _hub_id(name: str) -> tuple[str, str | None] | None:
+    """("owner/name", config) for 'hf:owner/name[:config]' or a bare 'owner/name'; None otherwise."""
     if name.startswith("hf:"):
-        return name[3:]
-    return name if name.count("/") == 1 and not Path(name).exists() else None
+        hub_id, _, config = name[3:].partition(":")
+        return hub_id, config or None
+    return (name, None) if name.count("/") == 1 and not Path(name).exists() else None
 
 
 def load_qa(name_or_path: str, split: str = "eval") -> list[QAExample]:
@@ -58,12 +61,12 @@ def load_qa(name_or_path: str, split: str = "eval") -> list[QAExample]:
         return DATASETS[name_or_path].load_split(split)
     if Path(name_or_path).is_file():
         return load_qa_file(name_or_path)
-    hub_id = _hub_id(name_or_path)
-    if hub_id:
-        return load_hub_qa(hub_id, split)
+    hub = _hub_id(name_or_path)
+    if hub:
+        return load_hub_qa(hub[0], split, hub[1])
     raise DataError(
         f"unknown dataset {name_or_path!r}: not a registered name ({', '.join(DATASETS)}), "
-        "not an existing file, and not a hub id ('hf:<id>' or 'owner/name')"
+        "not an existing file, and not a hub id ('hf:<id>[:<config>]' or 'owner/name')"
     )
 
 
@@ -73,12 +76,12 @@ def load_corpus(name_or_path: str) -> list[Passage]:
         return CORPORA[name_or_path].load_corpus()
     if Path(name_or_path).is_file():
         return load_corpus_file(name_or_path)
-    hub_id = _hub_id(name_or_path)
-    if hub_id:
-        return load_hub_corpus(hub_id)
+    hub = _hub_id(name_or_path)
+    if hub:
+        return load_hub_corpus(hub[0], config=hub[1])
     raise DataError(
         f"unknown corpus {name_or_path!r}: not a registered name ({', '.join(CORPORA)}), "
-        "not an existing file, and not a hub id ('hf:<id>' or 'owner/name')"
+        "not an existing file, and not a hub id ('hf:<id>[:<config>]' or 'owner/name')"
     )
 
 

@@ -1,0 +1,41 @@
+"""Keep the README's results section generated from results/, never typed by hand.
+
+    rag-lab readme          # rewrite the blocks between the markers below
+
+The README holds `<!-- BEGIN name -->` ... `<!-- END name -->` blocks; each is replaced by the
+table in the named results file (the part after its title and note).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from rag_lab.io import atomic_write_text
+from rag_lab.paths import REPO_ROOT, results_dir
+
+BLOCKS = {"main-table": "main_table.md", "retrieval-table": "retrieval.md"}
+
+
+def table_part(markdown: str) -> str:
+    """The Markdown table of a results .md file (its lines starting with '|')."""
+    return "\n".join(line for line in markdown.splitlines() if line.startswith("|")) + "\n"
+
+
+def render_blocks(readme: str, results: Path) -> str:
+    for name, filename in BLOCKS.items():
+        path = results / filename
+        if not path.exists():
+            continue
+        body = table_part(path.read_text(encoding="utf-8"))
+        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
+        readme = pattern.sub(lambda m: m.group(1) + body + m.group(2), readme)
+    return readme
+
+
+def update_readme(readme_path: Path = REPO_ROOT / "README.md", results: Path | None = None) -> bool:
+    """Rewrite the generated blocks; True if the README changed."""
+    old = readme_path.read_text(encoding="utf-8")
+    new = render_blocks(old, results or results_dir())
+    if new != old:
+        atomic_write_text(readme_path, new)
+    return new != old

@@ -1,0 +1,44 @@
+"""Every committed experiment validates in every profile (no download), and the README tables
+are the generated ones."""
+from pathlib import Path
+
+import pytest
+
+from rag_lab.config import PROFILES, RetrievalStudyConfig, load_experiment
+from rag_lab.paths import REPO_ROOT, results_dir
+from rag_lab.readme import BLOCKS, render_blocks, table_part
+
+EXPERIMENTS = sorted(p for p in (REPO_ROOT / "experiments").rglob("*.yaml") if not p.name.startswith("_") and p.name != "retrieval.yaml")
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[str(p.relative_to(REPO_ROOT / "experiments")) for p in EXPERIMENTS])
+@pytest.mark.parametrize("profile", PROFILES)
+def test_experiment_configs_validate(path, profile):
+    cfg = load_experiment(path, profile)
+    assert cfg.name == path.stem
+    if profile == "smoke" and "full" not in path.parts:
+        assert cfg.data.n_eval and cfg.data.n_eval <= 20  # smoke is seconds-scale
+
+
+def test_full_scale_configs_use_hub_data_and_larger_models():
+    full = [load_experiment(p, "full") for p in (REPO_ROOT / "experiments" / "full").glob("[a-z]*.yaml")]
+    assert len(full) >= 5
+    assert all(c.data.dataset == "nq-open" and c.data.corpus.startswith("hf:") for c in full)
+    assert all(c.generator.model not in ("smollm2-135m-instruct",) for c in full)
+    assert any(c.retriever.index_factory.startswith("HNSW") for c in full)
+    assert any(c.training.enabled and len(c.training.seeds) == 3 for c in full)
+
+
+def test_retrieval_study_config():
+    for profile in PROFILES:
+        cfg = load_experiment(REPO_ROOT / "experiments" / "retrieval.yaml", profile, cls=RetrievalStudyConfig)
+        assert set(cfg.retrievers) == {"bm25", "dense", "hybrid", "dense_ft"}
+
+
+def test_readme_tables_are_the_generated_ones():
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    for name, filename in BLOCKS.items():
+        path = results_dir() / filename
+        if path.exists():  # a block exists exactly when its results file does
+            assert f"<!-- BEGIN {name} -->\n{table_part(path.read_text(encoding='utf-8'))}<!-- END {name} -->" in readme
+    assert render_blocks(readme, results_dir()) == readme
