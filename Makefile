@@ -36,7 +36,7 @@ data: venv
 	$(PY) -m rag_lab.cli build-data
 
 bench: venv
-	$(PY) benchmarks/bench_foundation.py
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

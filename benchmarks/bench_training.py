@@ -1,0 +1,129 @@
+"""Generator fine-tuning throughput and memory on SmolLM2-135M (the default reader).
+
+    python benchmarks/bench_training.py [--steps 6] [--batch-size 8]
+
+Side by side in one run: the float32 matmul peak; full fine-tuning and LoRA step time,
+non-pad tokens/s, and achieved FLOP/s (6 x params x tokens for full; LoRA skips the weight
+gradients: ~4 x params x tokens) as a fraction of the peak; the padding fraction of an epoch
+of closed-book and RAG training batches with and without length grouping; peak RSS of each
+mode, measured in a child process per mode.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def child(mode: str, steps: int, batch_size: int, rag: bool) -> None:
+    """One mode in a fresh process: time `steps` optimiser steps on real NQ-mini training prompts."""
+    import torch
+
+    from rag_lab.config import ExperimentConfig
+    from rag_lab.data import load_qa
+    from rag_lab.generators import PromptBuilder
+    from rag_lab.models import load_causal_lm
+    from rag_lab.training.generator import TrainSettings, apply_lora, build_sft_examples, pad_collate
+
+    model, tok = load_causal_lm("smollm2-135m-instruct")
+    g = ExperimentConfig().generator
+    builder = PromptBuilder(tok, g.closed_book_template, g.rag_template, g.system_prompt, (), True, g.max_input_tokens)
+    train = load_qa("nq-mini", "train")[: steps * batch_size]
+    if rag:
+        from rag_lab.data import load_corpus
+        from rag_lab.pipeline import contexts_from_hits
+        from rag_lab.retrievers import BM25Retriever
+
+        passages = load_corpus("nq-mini")
+        ctx = contexts_from_hits(BM25Retriever(passages, show_progress=False).retrieve(train, 3), passages)
+        prompts = [builder.rag(q, c).text for q, c in zip(train, ctx)]
+    else:
+        prompts = [builder.closed_book(q).text for q in train]
+    examples, _ = build_sft_examples(prompts, [q.answers[0] for q in train], tok)
+    n_params = sum(p.numel() for p in model.parameters())
+    if mode == "lora":
+        model = apply_lora(model, TrainSettings())
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    collate = pad_collate(tok.pad_token_id)
+    batches = [collate(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+    times, tokens = [], 0
+    for i, batch in enumerate(batches):
+        t = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:  # the first step warms up allocators and kernels
+            times.append(time.perf_counter() - t)
+            tokens += int(batch["attention_mask"].sum())
+    step_s = sum(times) / len(times)
+    print(json.dumps({"mode": mode, "rag": rag, "step_s": step_s, "tokens_per_s": tokens / sum(times),
+                      "n_params": n_params, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def padding(rag: bool, batch_size: int) -> dict:
+    from rag_lab.config import ExperimentConfig
+    from rag_lab.data import load_qa
+    from rag_lab.generators import PromptBuilder
+    from rag_lab.models import load_causal_lm
+    from rag_lab.training.generator import build_sft_examples, padding_fraction
+
+    _, tok = load_causal_lm("smollm2-135m-instruct")
+    g = ExperimentConfig().generator
+    builder = PromptBuilder(tok, g.closed_book_template, g.rag_template, g.system_prompt, (), True, g.max_input_tokens)
+    train = load_qa("nq-mini", "train")
+    if rag:
+        from rag_lab.data import load_corpus
+        from rag_lab.pipeline import contexts_from_hits
+        from rag_lab.retrievers import BM25Retriever
+
+        passages = load_corpus("nq-mini")
+        ctx = contexts_from_hits(BM25Retriever(passages, show_progress=False).retrieve(train, 3), passages)
+        prompts = [builder.rag(q, c).text for q, c in zip(train, ctx)]
+    else:
+        prompts = [builder.closed_book(q).text for q in train]
+    examples, _ = build_sft_examples(prompts, [q.answers[0] for q in train], tok)
+    return {"random": padding_fraction(examples, batch_size, False), "grouped": padding_fraction(examples, batch_size, True)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--_child", nargs=2, metavar=("MODE", "RAG"))
+    args = ap.parse_args()
+    if args._child:
+        return child(args._child[0], args.steps, args.batch_size, args._child[1] == "rag")
+
+    from _common import matmul_peak_flops
+
+    from rag_lab.io import write_json
+
+    peak = matmul_peak_flops()
+    report = {"matmul_peak_flops": peak, "batch_size": args.batch_size, "modes": []}
+    for mode, rag in (("full", False), ("lora", False), ("full", True)):
+        out = subprocess.run([sys.executable, __file__, "--_child", mode, "rag" if rag else "closed",
+                              "--steps", str(args.steps), "--batch-size", str(args.batch_size)],
+                             capture_output=True, text=True, check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        flops_per_token = (6 if mode == "full" else 4) * row["n_params"]
+        row["fraction_of_peak"] = flops_per_token * row["tokens_per_s"] / peak
+        report["modes"].append(row)
+        print(f"{mode:>4} {'rag' if rag else 'closed-book':<11} step {row['step_s']:.2f} s  {row['tokens_per_s']:.0f} tok/s  "
+              f"{row['fraction_of_peak']:.1%} of the {peak / 1e9:.0f} GFLOP/s matmul peak  peak RSS {row['peak_rss_gb']:.2f} GB")
+    for rag in (False, True):
+        pad = padding(rag, args.batch_size)
+        report[f"padding_{'rag' if rag else 'closed_book'}"] = pad
+        print(f"padding fraction ({'rag' if rag else 'closed-book'}): random batches {pad['random']:.1%}, length-grouped {pad['grouped']:.1%}")
+    write_json(Path(__file__).parent / "results" / "training.json", report)
+
+
+if __name__ == "__main__":
+    main()
