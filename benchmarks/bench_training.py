@@ -21,20 +21,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def child(mode: str, steps: int, batch_size: int, rag: bool) -> None:
-    """One mode in a fresh process: time `steps` optimiser steps on real NQ-mini training prompts."""
-    import torch
-
+def training_examples(tok, n: int | None, rag: bool) -> list[dict]:
+    """SFT examples from the first n NQ-mini train questions, with the default prompts (RAG: BM25 top-3)."""
     from rag_lab.config import ExperimentConfig
     from rag_lab.data import load_qa
     from rag_lab.generators import PromptBuilder
-    from rag_lab.models import load_causal_lm
-    from rag_lab.training.generator import TrainSettings, apply_lora, build_sft_examples, pad_collate
+    from rag_lab.training.generator import build_sft_examples
 
-    model, tok = load_causal_lm("smollm2-135m-instruct")
     g = ExperimentConfig().generator
     builder = PromptBuilder(tok, g.closed_book_template, g.rag_template, g.system_prompt, (), True, g.max_input_tokens)
-    train = load_qa("nq-mini", "train")[: steps * batch_size]
+    train = load_qa("nq-mini", "train")[:n]
     if rag:
         from rag_lab.data import load_corpus
         from rag_lab.pipeline import contexts_from_hits
@@ -45,7 +41,18 @@ def child(mode: str, steps: int, batch_size: int, rag: bool) -> None:
         prompts = [builder.rag(q, c).text for q, c in zip(train, ctx)]
     else:
         prompts = [builder.closed_book(q).text for q in train]
-    examples, _ = build_sft_examples(prompts, [q.answers[0] for q in train], tok)
+    return build_sft_examples(prompts, [q.answers[0] for q in train], tok)[0]
+
+
+def child(mode: str, steps: int, batch_size: int, rag: bool) -> None:
+    """One mode in a fresh process: time `steps` optimiser steps on real NQ-mini training prompts."""
+    import torch
+
+    from rag_lab.models import load_causal_lm
+    from rag_lab.training.generator import TrainSettings, apply_lora, pad_collate
+
+    model, tok = load_causal_lm("smollm2-135m-instruct")
+    examples = training_examples(tok, steps * batch_size, rag)
     n_params = sum(p.numel() for p in model.parameters())
     if mode == "lora":
         model = apply_lora(model, TrainSettings())
@@ -69,27 +76,10 @@ def child(mode: str, steps: int, batch_size: int, rag: bool) -> None:
 
 
 def padding(rag: bool, batch_size: int) -> dict:
-    from rag_lab.config import ExperimentConfig
-    from rag_lab.data import load_qa
-    from rag_lab.generators import PromptBuilder
     from rag_lab.models import load_causal_lm
-    from rag_lab.training.generator import build_sft_examples, padding_fraction
+    from rag_lab.training.generator import padding_fraction
 
-    _, tok = load_causal_lm("smollm2-135m-instruct")
-    g = ExperimentConfig().generator
-    builder = PromptBuilder(tok, g.closed_book_template, g.rag_template, g.system_prompt, (), True, g.max_input_tokens)
-    train = load_qa("nq-mini", "train")
-    if rag:
-        from rag_lab.data import load_corpus
-        from rag_lab.pipeline import contexts_from_hits
-        from rag_lab.retrievers import BM25Retriever
-
-        passages = load_corpus("nq-mini")
-        ctx = contexts_from_hits(BM25Retriever(passages, show_progress=False).retrieve(train, 3), passages)
-        prompts = [builder.rag(q, c).text for q, c in zip(train, ctx)]
-    else:
-        prompts = [builder.closed_book(q).text for q in train]
-    examples, _ = build_sft_examples(prompts, [q.answers[0] for q in train], tok)
+    examples = training_examples(load_causal_lm("smollm2-135m-instruct")[1], None, rag)
     return {"random": padding_fraction(examples, batch_size, False), "grouped": padding_fraction(examples, batch_size, True)}
 
 
