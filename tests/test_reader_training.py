@@ -209,12 +209,19 @@ def test_reader_training_refuses_lora_empty_data_and_a_foreign_checkpoint_folder
         train_reader(base, features, [], None, tmp_path / "a", settings(method="lora"))
     with pytest.raises(TrainingError, match="empty"):
         train_reader(base, [], [], None, tmp_path / "a", settings())
-    with pytest.raises(TrainingError, match="dev questions"):
-        train_reader(base, features, [QAExample("d", "q?", ("Napoleon",))], [[BERLIN]], tmp_path / "a", settings(), max_length=64)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / CONFIG_FILE).write_text(json.dumps({"learning_rate": 1.0}))
     with pytest.raises(TrainingError, match="different config"):
         train_reader(base, features, [], None, tmp_path / "b", settings(), max_length=64)
+
+
+def test_a_dev_set_with_no_answer_in_its_passages_warns_and_trains_without_dev(tmp_path):
+    base = save_tiny_bert(tmp_path / "base", with_qa_head=True)
+    features, _ = build_reader_features([Q_FRANCE], [[FRANCE]], make_bert_style_tokenizer(), max_length=64)
+    with pytest.warns(UserWarning, match="training without a dev set"):
+        report = train_reader(base, features, [QAExample("d", "who was king?", ("Napoleon",))], [[LOUIS]],
+                              tmp_path / "a", settings(epochs=2), max_length=64)
+    assert report["n_dev"] == 0 and report["dev_history"] == [] and report["global_step"] == 2
 
 
 # ---------------------------------------------------------------- ensure_reader_trained
@@ -248,3 +255,5 @@ def test_ensure_reader_trained_trains_on_retrieved_passages_then_reuses(tmp_path
     mtime = (final / "model.safetensors").stat().st_mtime_ns
     again, info2 = ensure_reader_trained(cfg, seed=0, show_progress=False)
     assert again == final and info2 == info and (final / "model.safetensors").stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="regime 'reader'"):
+        ensure_reader_trained(ExperimentConfig(regime="rag", retriever=RetrieverConfig(kind="bm25")), seed=0)
