@@ -140,7 +140,7 @@ def adjacent_pairs(experiments: Sequence[str]) -> list[tuple[str, str]]:
     wanted = [("closed_book_zero_shot", "finetune_closed_book"), ("closed_book_zero_shot", "rag_zero_shot_bm25"),
               ("closed_book_zero_shot", "rag_zero_shot_dense"), ("closed_book_zero_shot", "rag_zero_shot_hybrid"),
               ("rag_zero_shot_bm25", "rag_zero_shot_hybrid"), ("rag_zero_shot_dense", "rag_zero_shot_hybrid"),
-              ("rag_zero_shot_hybrid", "finetune_rag"), ("finetune_closed_book", "finetune_rag"),
+              ("rag_zero_shot_dense", "finetune_rag"), ("finetune_closed_book", "finetune_rag"),
               ("finetune_rag", "reader_extractive")]
     present = set(experiments)
     return [(a, b) for a, b in wanted if a in present and b in present]
