@@ -277,8 +277,9 @@ def table_row(cfg: ExperimentConfig, metrics: dict, eval_set: str, wall_s: float
                 col = ("recall@k" if m == "answer_in_passages" else m) + suffix
                 row[col], row[col + "_low"], row[col + "_high"] = block[m]["mean"], block[m]["low"], block[m]["high"]
     seeds = metrics["seeds"]
-    for m in ("em", "f1", "match"):
-        row[f"{m}_seed_mean"], row[f"{m}_seed_sd"] = seeds[m]["mean"], seeds[m]["sd"]
+    if cfg.training.enabled:  # variation over training seeds only means something for trained rows
+        for m in ("em", "f1", "match"):
+            row[f"{m}_seed_mean"], row[f"{m}_seed_sd"] = seeds[m]["mean"], seeds[m]["sd"]
     row.update({"truncated": metrics["truncated"], "wall_s": round(wall_s, 1), "seeds": " ".join(map(str, seeds["seeds"])),
                 "run": run_dir.relative_to(profile_results_dir_root(run_dir)).as_posix()})
     return row
@@ -303,11 +304,11 @@ def display_main_table(table: pd.DataFrame) -> pd.DataFrame:
     for col, label in (("em_in_corpus", "EM (in corpus)"), ("f1_in_corpus", "F1 (in corpus)"),
                        ("match_in_corpus", "match (in corpus)"), ("recall@k_in_corpus", "recall@k (in corpus)")):
         out[label] = ci(col)
-    if "seeds" in table:
-        out["seeds"] = table["seeds"].astype(str)
+    out["seeds"] = table["seeds"].astype(str) if "seeds" in table else ""
+    if "em_seed_mean" in table:
         out["EM mean ± sd over seeds"] = [
             "" if pd.isna(m) else f"{m:.3f} ± {s:.3f}" for m, s in zip(table["em_seed_mean"], table["em_seed_sd"])]
-    out["wall s"] = table["wall_s"]
+    out["wall s"] = [f"{w:.0f}" for w in table["wall_s"]]
     return out
 
 
