@@ -178,3 +178,15 @@ def test_recall_rows_on_a_hand_built_example():
     assert row["R@1"] == pytest.approx(1 / 3) and row["R@2"] == pytest.approx(2 / 3)
     assert row["R@1_in_corpus"] == pytest.approx(0.5) and row["R@2_in_corpus"] == pytest.approx(1.0)
     assert row["n"] == 3 and row["n_answer_in_corpus"] == 2
+
+
+def test_corpus_fingerprint_equals_json_lines_hash():
+    import hashlib
+    import json
+
+    from rag_lab.retrievers.base import corpus_fingerprint
+
+    tricky = PASSAGES + [Passage('Q"uote#0', "Ünïcode \\ back", 'tab\there, "quotes", newline\nand \u2028')]
+    lines = "".join(json.dumps([p.id, p.title, p.text], ensure_ascii=False) + "\n" for p in tricky)
+    assert corpus_fingerprint(tricky) == hashlib.sha256(lines.encode("utf-8")).hexdigest()
+    assert corpus_fingerprint(tricky) != corpus_fingerprint(tricky[:-1])
