@@ -59,7 +59,9 @@ def _run(args: argparse.Namespace) -> None:
 
 def _table(args: argparse.Namespace) -> None:
     from rag_lab.paths import profile_results_dir
+    from rag_lab.runner import upsert_main_table
 
+    upsert_main_table([], args.profile)  # re-render the .md from the CSV with the current code
     print((profile_results_dir(args.profile) / "main_table.md").read_text(encoding="utf-8"))
 
 

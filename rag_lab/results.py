@@ -24,7 +24,7 @@ def upsert_rows(csv_path: str | Path, rows: Sequence[dict], key: Sequence[str], 
     with FileLock(str(csv_path) + ".lock"):
         table = pd.read_csv(csv_path) if csv_path.exists() else pd.DataFrame()
         new = pd.DataFrame(list(rows))
-        if not table.empty:
+        if not table.empty and not new.empty:
             new_keys = set(map(tuple, new[list(key)].astype(str).values))
             keep = [tuple(r) not in new_keys for r in table[list(key)].astype(str).values]
             table = table[keep]

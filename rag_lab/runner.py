@@ -306,13 +306,16 @@ def display_main_table(table: pd.DataFrame) -> pd.DataFrame:
         out[label] = ci(col)
     out["seeds"] = table["seeds"].astype(str) if "seeds" in table else ""
     if "em_seed_mean" in table:
+        trained = table["regime"].str.endswith("_ft") | (table["regime"] == "reader")
         out["EM mean ± sd over seeds"] = [
-            "" if pd.isna(m) else f"{m:.3f} ± {s:.3f}" for m, s in zip(table["em_seed_mean"], table["em_seed_sd"])]
+            f"{m:.3f} ± {s:.3f}" if t and not pd.isna(m) else ""
+            for m, s, t in zip(table["em_seed_mean"], table["em_seed_sd"], trained)]
     out["wall s"] = [f"{w:.0f}" for w in table["wall_s"]]
     return out
 
 
 def upsert_main_table(rows: list[dict], profile: str = "default") -> pd.DataFrame:
+    """Insert/replace rows of results/main_table.csv and re-render main_table.md (no rows: re-render only)."""
     from rag_lab.results import upsert_rows
 
     return upsert_rows(profile_results_dir(profile) / "main_table.csv", rows, key=MAIN_TABLE_KEY,
