@@ -92,7 +92,7 @@ def generation_key(cfg: ExperimentConfig, model_id: str, questions, hits) -> str
 def generate_stage(cfg, questions, train, passages, hits, model_path: str, show_progress: bool) -> tuple[list[dict], str]:
     """Predictions in question order. Finished batches are appended to `partial.jsonl` as they
     complete, so a killed run restarts where it stopped; the batch plan is deterministic."""
-    from rag_lab.generators import build_generator, length_sorted_batches
+    from rag_lab.generators import build_generator
     from rag_lab.models import model_fingerprint, resolve_model
     from rag_lab.pipeline import contexts_from_hits
 
