@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from rag_lab.data.records import Passage, QAExample
+from rag_lab.data.subsets import eval_set_name
 from rag_lab.metrics import answer_recall_at_k, bootstrap_ci, gold_spans, has_answer_normalized, padded_normalized
 from rag_lab.retrievers.base import Hit, passage_text
 
@@ -106,10 +107,6 @@ class StudyResult:
     timings: dict[str, float]
 
 
-def eval_set_name(cfg_data, n: int) -> str:
-    return f"{cfg_data.dataset}/{cfg_data.eval_split} n={n} seed={cfg_data.subset_seed}"
-
-
 def load_study_data(data_cfg) -> tuple[list[QAExample], list[Passage]]:
     from rag_lab.data import load_corpus, load_qa
     from rag_lab.data.subsets import subset_corpus, subset_questions
@@ -169,23 +166,22 @@ def ensure_trained_retriever(cfg, passages: Sequence[Passage], cache_dir=None, s
 
     from rag_lab.data import load_qa
     from rag_lab.data.subsets import subset_questions
-    from rag_lab.io import write_json
     from rag_lab.paths import REPO_ROOT
     from rag_lab.retrievers import BM25Retriever
-    from rag_lab.training.retriever import mine_training_pairs, train_dense_retriever
+    from rag_lab.training.retriever import TRAINING_FILE, mine_training_pairs, train_dense_retriever
 
     tcfg = cfg.train_retriever
     out = Path(tcfg.output) if Path(tcfg.output).is_absolute() else REPO_ROOT / tcfg.output
-    record = {"train_retriever": dataclasses.asdict(tcfg), "data": dataclasses.asdict(cfg.data), "n_passages": len(passages)}
-    marker = out / "rag_lab_study.json"  # beside the trainer's own rag_lab_training.json
-    if marker.exists() and json.loads(marker.read_text())["config"] == record:
+    record = _jsonable({"train_retriever": dataclasses.asdict(tcfg), "data": dataclasses.asdict(cfg.data), "n_passages": len(passages)})
+    report = out / TRAINING_FILE  # written with the weights: the study's config is part of it
+    if report.exists() and json.loads(report.read_text(encoding="utf-8")).get("study_config") == record:
         return out
     train = subset_questions(load_qa(cfg.data.dataset, cfg.data.train_split), cfg.data.n_train, cfg.data.subset_seed)
     bm25 = BM25Retriever(passages, cache_dir=cache_dir, show_progress=show_progress)
     pairs, stats = mine_training_pairs(train, passages, bm25, depth=tcfg.mining_depth, n_hard_negatives=tcfg.n_hard_negatives)
-    result = train_dense_retriever(tcfg.base_encoder, pairs, out, epochs=tcfg.epochs, batch_size=tcfg.batch_size,
-                                   learning_rate=tcfg.learning_rate, seed=tcfg.seed)
-    write_json(marker, {"config": record, "mining": stats, "training": _jsonable(result)})
+    train_dense_retriever(tcfg.base_encoder, pairs, out, epochs=tcfg.epochs, batch_size=tcfg.batch_size,
+                          learning_rate=tcfg.learning_rate, seed=tcfg.seed,
+                          notes={"study_config": record, "mining": _jsonable(stats)})
     return out
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 
 from rag_lab.config import ExperimentConfig
 from rag_lab.data.records import Passage, QAExample
+from rag_lab.data.subsets import eval_set_name
 from rag_lab.io import read_jsonl, write_json, write_jsonl
 from rag_lab.metrics import bootstrap_ci, gold_spans, has_answer_normalized, padded_normalized, score_predictions
 from rag_lab.paths import REPO_ROOT, profile_results_dir
@@ -57,12 +58,6 @@ def load_run_data(cfg: ExperimentConfig) -> tuple[list[QAExample], list[QAExampl
     train = load_qa(d.dataset, d.train_split) if needs_train else []
     passages = subset_corpus(load_corpus(d.corpus), questions, d.n_corpus, d.subset_seed) if cfg.retriever.kind != "none" else []
     return questions, train, passages
-
-
-def eval_set_name(cfg: ExperimentConfig, n: int) -> str:
-    d = cfg.data
-    subset = f" seed={d.subset_seed}" if d.n_eval else ""
-    return f"{d.dataset}/{d.eval_split} n={n}{subset}"
 
 
 # ---------------------------------------------------------------- stage 1: retrieve
@@ -113,27 +108,19 @@ def generate_stage(cfg, questions, train, passages, hits, model_path: str, show_
 
 
 def _generate_resumable(generator, questions, contexts, partial_path: Path, show_progress: bool) -> list[dict]:
-    from tqdm.auto import tqdm
-
-    from rag_lab.generators import length_sorted_batches
-
-    prompts = generator.prompts(questions, contexts)
-    batches = length_sorted_batches([p.n_tokens for p in prompts], generator.batch_size)
-    raws: dict[int, str] = {}
+    """`generator.generate`, logging each finished batch to `partial_path` and skipping those already logged."""
+    done: dict[int, str] = {}
     if partial_path.exists():  # resume: keep every batch that was fully written
         for _, row in read_jsonl(partial_path):
-            raws.update(zip(row["indices"], row["raw"]))
+            done.update(zip(row["indices"], row["raw"]))
     partial_path.parent.mkdir(parents=True, exist_ok=True)
     with open(partial_path, "a", encoding="utf-8") as log:
-        for batch in tqdm(batches, desc="generate", disable=not show_progress):
-            if all(i in raws for i in batch):
-                continue
-            outs = generator.generate_batch([prompts[i] for i in batch])
-            raws.update(zip(batch, outs))
-            log.write(json.dumps({"indices": batch, "raw": outs}, ensure_ascii=False) + "\n")
+        def on_batch(indices: list[int], raws: list[str]) -> None:
+            log.write(json.dumps({"indices": indices, "raw": raws}, ensure_ascii=False) + "\n")
             log.flush()
             os.fsync(log.fileno())
-    return generator.predictions(questions, prompts, [raws[i] for i in range(len(questions))])
+
+        return generator.generate(questions, contexts, show_progress=show_progress, done=done, on_batch=on_batch)
 
 
 # ---------------------------------------------------------------- stage 3: score
@@ -223,7 +210,8 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     metrics["seeds"] = seed_summary(per_seed)
     timings["wall_s"] = time.perf_counter() - t0
     run_dir = write_run_folder(cfg, profile, key, rows, metrics, timings, training)
-    row = table_row(cfg, metrics, eval_set_name(cfg, len(questions)), timings["wall_s"], run_dir)
+    row = table_row(cfg, metrics, eval_set_name(cfg.data, len(questions)), timings["wall_s"],
+                    run_dir.relative_to(profile_results_dir(profile)).as_posix())
     upsert_main_table([row], profile)
     return RunResult(run_dir, row, rows, metrics, timings, training)
 
@@ -261,7 +249,8 @@ def write_run_folder(cfg, profile: str, key: str, rows, metrics, timings, traini
     return run_dir
 
 
-def table_row(cfg: ExperimentConfig, metrics: dict, eval_set: str, wall_s: float, run_dir: Path) -> dict:
+def table_row(cfg: ExperimentConfig, metrics: dict, eval_set: str, wall_s: float, run: str) -> dict:
+    """One row of results/main_table.csv; `run` is the run folder relative to the profile's results folder."""
     r = cfg.retriever
     row = {"experiment": cfg.name, "regime": cfg.regime, "generator": Path(cfg.generator.model).name,
            "retriever": r.kind if r.kind != "none" else "", "k": r.k if r.kind != "none" else "",
@@ -281,13 +270,8 @@ def table_row(cfg: ExperimentConfig, metrics: dict, eval_set: str, wall_s: float
         for m in ("em", "f1", "match"):
             row[f"{m}_seed_mean"], row[f"{m}_seed_sd"] = seeds[m]["mean"], seeds[m]["sd"]
     row.update({"truncated": metrics["truncated"], "wall_s": round(wall_s, 1), "seeds": " ".join(map(str, seeds["seeds"])),
-                "run": run_dir.relative_to(profile_results_dir_root(run_dir)).as_posix()})
+                "run": run})
     return row
-
-
-def profile_results_dir_root(run_dir: Path) -> Path:
-    # run_dir = <results>/runs/<experiment>/<id>; the table links it relative to <results>
-    return run_dir.parents[2]
 
 
 def display_main_table(table: pd.DataFrame) -> pd.DataFrame:

@@ -160,3 +160,13 @@ def test_validate_detects_tampering(tmp_path):
         f.write('{"id": "x", "question": "q", "answers": ["a"]}\n')
     with pytest.raises(DataError, match="eval.jsonl: sha256 differs"):
         build_nq_mini.validate(out)
+
+
+def test_eval_set_name_names_the_seed_only_for_a_subset():
+    from rag_lab.config import DataConfig
+    from rag_lab.data.subsets import eval_set_name
+
+    assert eval_set_name(DataConfig(n_eval=300, subset_seed=7), 300) == "nq-mini/eval n=300 seed=7"
+    assert eval_set_name(DataConfig(), 3610) == "nq-mini/eval n=3610"
+    # the name distinguishes question sets that rows must never be paired across
+    assert eval_set_name(DataConfig(n_eval=300, subset_seed=0), 300) != eval_set_name(DataConfig(n_eval=300, subset_seed=1), 300)

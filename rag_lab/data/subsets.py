@@ -8,6 +8,15 @@ from rag_lab.data.records import Passage, QAExample
 from rag_lab.metrics import gold_spans, has_answer_normalized, padded_normalized
 
 
+def eval_set_name(data_cfg, n: int) -> str:
+    """The name a results row gives its question set, e.g. 'nq-mini/eval n=300 seed=0'.
+
+    Rows are compared or paired only when these names agree; the seed is named only when it
+    picked a subset (`n_eval` set)."""
+    subset = f" seed={data_cfg.subset_seed}" if data_cfg.n_eval else ""
+    return f"{data_cfg.dataset}/{data_cfg.eval_split} n={n}{subset}"
+
+
 def subset_questions(questions: Sequence[QAExample], n: int | None, seed: int = 0) -> list[QAExample]:
     """A seeded random subset of n questions, kept in the original order (all when n is None)."""
     if n is None or n >= len(questions):

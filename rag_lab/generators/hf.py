@@ -6,7 +6,7 @@ greedy (reported numbers are never sampled) and stops at the end of the first li
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -75,17 +75,23 @@ class HFGenerator:
                 for e, p, raw in zip(examples, prompts, raws)]
 
     def generate(self, examples: Sequence[QAExample], contexts: Sequence[Sequence[Passage]] | None = None,
-                 show_progress: bool = False, on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[dict]:
-        """Predictions for every example (closed-book when `contexts` is None), in input order."""
+                 show_progress: bool = False, done: Mapping[int, str] | None = None,
+                 on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[dict]:
+        """Predictions for every example (closed-book when `contexts` is None), in input order.
+
+        The batch plan is deterministic (length-sorted), so a caller can resume: `done` maps the
+        example indices already generated to their raw outputs (batches fully in it are skipped),
+        and `on_batch(indices, raws)` is called after each new batch (the runner logs it to disk)."""
         prompts = self.prompts(examples, contexts)
-        raws: list[str] = [""] * len(prompts)
+        raws: dict[int, str] = dict(done or {})
         for batch in tqdm(length_sorted_batches([p.n_tokens for p in prompts], self.batch_size), desc="generate", disable=not show_progress):
+            if all(i in raws for i in batch):
+                continue
             outs = self.generate_batch([prompts[i] for i in batch])
-            for i, text in zip(batch, outs):
-                raws[i] = text
+            raws.update(zip(batch, outs))
             if on_batch:
                 on_batch(batch, outs)
-        return self.predictions(examples, prompts, raws)
+        return self.predictions(examples, prompts, [raws[i] for i in range(len(prompts))])
 
     @property
     def padding_fraction(self) -> float:

@@ -159,12 +159,13 @@ def contrastive_loss(model, pairs: Sequence[TrainPair], batch_size: int = 32,
 def train_dense_retriever(encoder, pairs: Sequence[TrainPair], output_dir: str | Path, epochs: int = 1,
                           batch_size: int = 32, learning_rate: float = 2e-5, warmup_ratio: float = 0.1,
                           seed: int = 0, max_length: int = 256, query_prefix: str = "",
-                          passage_prefix: str = "", logging_steps: int | None = None) -> dict:
+                          passage_prefix: str = "", logging_steps: int | None = None, notes: dict | None = None) -> dict:
     """Fine-tune a sentence-transformers encoder on mined pairs; save it to `output_dir`.
 
     `encoder` is a name/path for `load_sentence_encoder` or a SentenceTransformer (trained
     in place). Float32 throughout. The folder appears only when complete (written beside
-    it, then renamed). Returns the report also saved there as `rag_lab_training.json`.
+    it, then renamed). Returns the report also saved there as `rag_lab_training.json`, with
+    `notes` (e.g. the config and mining statistics of the study that asked for it) merged in.
     """
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -206,7 +207,7 @@ def train_dense_retriever(encoder, pairs: Sequence[TrainPair], output_dir: str |
         "train_loss": result.training_loss, "loss_before": loss_before, "loss_after": loss_after,
         "loss_history": [{k: e[k] for k in ("step", "epoch", "loss", "learning_rate") if k in e}
                          for e in trainer.state.log_history if "loss" in e],
-        "versions": _versions(),
+        "versions": _versions(), **(notes or {}),
     }
     with atomic_dir(Path(output_dir)) as tmp:
         model.save(str(tmp))
