@@ -84,43 +84,59 @@ def generation_key(cfg: ExperimentConfig, model_id: str, questions, hits) -> str
     })
 
 
-def generate_stage(cfg, questions, train, passages, hits, model_path: str, show_progress: bool) -> tuple[list[dict], str]:
-    """Predictions in question order. Finished batches are appended to `partial.jsonl` as they
-    complete, so a killed run restarts where it stopped; the batch plan is deterministic."""
+def generate_stage(cfg, questions, train, passages, hits, model_path: str, show_progress: bool) -> tuple[list[dict], str, float | None]:
+    """Predictions in question order, the cache key, and the seconds generating them took when they
+    were computed (None if a cache predates that record). Finished batches are appended to
+    `partial.jsonl` as they complete, so a killed run restarts where it stopped; the batch plan
+    is deterministic."""
     from rag_lab.generators import build_generator
     from rag_lab.models import model_fingerprint, resolve_model
     from rag_lab.pipeline import contexts_from_hits
 
     key = generation_key(cfg, model_fingerprint(resolve_model(model_path)), questions, hits)
     stage = cache_root() / f"generate-{key[:20]}"
-    done_path, partial_path = stage / "predictions.jsonl", stage / "partial.jsonl"
+    done_path, partial_path, timing_path = stage / "predictions.jsonl", stage / "partial.jsonl", stage / "timing.json"
     if done_path.exists():
-        return [row for _, row in read_jsonl(done_path)], key
+        seconds = json.loads(timing_path.read_text(encoding="utf-8"))["generate_s"] if timing_path.exists() else None
+        return [row for _, row in read_jsonl(done_path)], key, seconds
     generator = build_generator(cfg.generator, train, seed=cfg.seed, model_path=model_path)
     contexts = None if hits is None else contexts_from_hits(hits, passages)
+    t0 = time.perf_counter()
     if cfg.generator.kind == "extractive":
         preds = generator.generate(questions, contexts)
-    else:
-        preds = _generate_resumable(generator, questions, contexts, partial_path, show_progress)
+        seconds = time.perf_counter() - t0
+    else:  # seconds of generation, summed over resumed sessions (loading the model is not counted)
+        preds, seconds = _generate_resumable(generator, questions, contexts, partial_path, show_progress)
+    write_json(timing_path, {"generate_s": None if seconds is None else round(seconds, 2)})
     write_jsonl(done_path, preds)
     partial_path.unlink(missing_ok=True)
-    return preds, key
+    return preds, key, seconds
 
 
-def _generate_resumable(generator, questions, contexts, partial_path: Path, show_progress: bool) -> list[dict]:
-    """`generator.generate`, logging each finished batch to `partial_path` and skipping those already logged."""
+def _generate_resumable(generator, questions, contexts, partial_path: Path, show_progress: bool) -> tuple[list[dict], float | None]:
+    """`generator.generate`, logging each finished batch (with its seconds) to `partial_path` and
+    skipping those already logged. Returns the predictions and the seconds all batches took,
+    over every resumed session (None if an old log lacks them)."""
     done: dict[int, str] = {}
+    seconds: list[float | None] = []
     if partial_path.exists():  # resume: keep every batch that was fully written
         for _, row in read_jsonl(partial_path):
             done.update(zip(row["indices"], row["raw"]))
+            seconds.append(row.get("s"))
     partial_path.parent.mkdir(parents=True, exist_ok=True)
+    last = time.perf_counter()
     with open(partial_path, "a", encoding="utf-8") as log:
         def on_batch(indices: list[int], raws: list[str]) -> None:
-            log.write(json.dumps({"indices": indices, "raw": raws}, ensure_ascii=False) + "\n")
+            nonlocal last
+            now = time.perf_counter()
+            seconds.append(now - last)
+            log.write(json.dumps({"indices": indices, "raw": raws, "s": round(now - last, 3)}, ensure_ascii=False) + "\n")
             log.flush()
             os.fsync(log.fileno())
+            last = now
 
-        return generator.generate(questions, contexts, show_progress=show_progress, done=done, on_batch=on_batch)
+        preds = generator.generate(questions, contexts, show_progress=show_progress, done=done, on_batch=on_batch)
+    return preds, None if None in seconds else sum(seconds)
 
 
 # ---------------------------------------------------------------- stage 3: score
@@ -180,7 +196,7 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     the row reports the first seed's predictions with bootstrap CIs, and mean ± sd over seeds.
     """
     t0 = time.perf_counter()
-    timings = {}
+    timings, compute = {}, {}  # this run's seconds; the seconds each stage took when it was computed
     questions, train, passages = load_run_data(cfg)
     timings["data_s"] = time.perf_counter() - t0
 
@@ -197,11 +213,13 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
             final, info = trainer_for(cfg)(cfg, seed, show_progress)
             path = str(final)
             timings[f"train_seed{seed}_s"] = time.perf_counter() - t
+            compute[f"train_seed{seed}_s"] = info.get("train_seconds")
             training[seed] = {"model": str(final.relative_to(REPO_ROOT)) if final.is_relative_to(REPO_ROOT) else str(final),
-                              **{k: info.get(k) for k in ("n_train", "n_dev", "skipped_empty_answers", "train_loss", "global_step",
+                              **{k: info.get(k) for k in ("n_train", "n_dev", "skipped_empty_answers", "train_loss", "global_step", "train_seconds", "peak_rss_gb",
                                                            "best_checkpoint", "log_history", "dev_history")}}
         t = time.perf_counter()
-        preds, key = generate_stage(cfg, questions, train, passages, hits, path, show_progress)
+        preds, key, compute[f"generate_seed{seed}_s" if cfg.training.enabled else "generate_s"] = \
+            generate_stage(cfg, questions, train, passages, hits, path, show_progress)
         timings[f"generate_seed{seed}_s" if cfg.training.enabled else "generate_s"] = time.perf_counter() - t
         rows = score_stage(questions, preds, hits, passages)
         per_seed.append((seed, key, rows, summarize_rows(rows, seed=0)))
@@ -209,8 +227,11 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     _, key, rows, metrics = per_seed[0]
     metrics["seeds"] = seed_summary(per_seed)
     timings["wall_s"] = time.perf_counter() - t0
-    run_dir = write_run_folder(cfg, profile, key, rows, metrics, timings, training)
-    row = table_row(cfg, metrics, eval_set_name(cfg.data, len(questions)), timings["wall_s"],
+    # the row's cost is that of computing it, not of a rerun served from the caches
+    unknown = [k for k, v in compute.items() if v is None]
+    compute_s = None if unknown else timings["data_s"] + timings["retrieve_s"] + sum(compute.values())
+    run_dir = write_run_folder(cfg, profile, key, rows, metrics, {**timings, "compute_s": compute_s}, training)
+    row = table_row(cfg, metrics, eval_set_name(cfg.data, len(questions)), compute_s,
                     run_dir.relative_to(profile_results_dir(profile)).as_posix())
     upsert_main_table([row], profile)
     return RunResult(run_dir, row, rows, metrics, timings, training)
@@ -244,13 +265,15 @@ def write_run_folder(cfg, profile: str, key: str, rows, metrics, timings, traini
     write_json(run_dir / "config.json", {"profile": profile, **cfg.to_dict()})
     write_jsonl(run_dir / "predictions.jsonl", rows)
     write_json(run_dir / "metrics.json", metrics)
-    write_json(run_dir / "timings.json", {k: round(v, 2) for k, v in timings.items()})
+    write_json(run_dir / "timings.json", {k: None if v is None else round(v, 2) for k, v in timings.items()})
     write_json(run_dir / "versions.json", versions())
     return run_dir
 
 
-def table_row(cfg: ExperimentConfig, metrics: dict, eval_set: str, wall_s: float, run: str) -> dict:
-    """One row of results/main_table.csv; `run` is the run folder relative to the profile's results folder."""
+def table_row(cfg: ExperimentConfig, metrics: dict, eval_set: str, wall_s: float | None, run: str) -> dict:
+    """One row of results/main_table.csv; `wall_s` is the time computing the row took (stages reused
+    from a cache count what they took when computed; None if unknown); `run` is the run folder
+    relative to the profile's results folder."""
     r = cfg.retriever
     row = {"experiment": cfg.name, "regime": cfg.regime, "generator": Path(cfg.generator.model).name,
            "retriever": r.kind if r.kind != "none" else "", "k": r.k if r.kind != "none" else "",
@@ -269,7 +292,7 @@ def table_row(cfg: ExperimentConfig, metrics: dict, eval_set: str, wall_s: float
     if cfg.training.enabled:  # variation over training seeds only means something for trained rows
         for m in ("em", "f1", "match"):
             row[f"{m}_seed_mean"], row[f"{m}_seed_sd"] = seeds[m]["mean"], seeds[m]["sd"]
-    row.update({"truncated": metrics["truncated"], "wall_s": round(wall_s, 1), "seeds": " ".join(map(str, seeds["seeds"])),
+    row.update({"truncated": metrics["truncated"], "wall_s": None if wall_s is None else round(wall_s, 1), "seeds": " ".join(map(str, seeds["seeds"])),
                 "run": run})
     return row
 
@@ -294,7 +317,7 @@ def display_main_table(table: pd.DataFrame) -> pd.DataFrame:
         out["EM mean ± sd over seeds"] = [
             f"{m:.3f} ± {s:.3f}" if t and not pd.isna(m) else ""
             for m, s, t in zip(table["em_seed_mean"], table["em_seed_sd"], trained)]
-    out["wall s"] = [f"{w:.0f}" for w in table["wall_s"]]
+    out["wall s"] = ["" if pd.isna(w) else f"{w:.0f}" for w in table["wall_s"]]
     return out
 
 

@@ -1,6 +1,7 @@
 """The runner on tiny models and data: stage caches, resume after a kill, determinism, the table."""
 import json
 import threading
+import time
 
 import pandas as pd
 import pytest
@@ -106,10 +107,23 @@ def test_generation_cache_and_resume_after_kill(env, monkeypatch):
     clean = run_experiment(cfg, show_progress=False)
     assert (clean.run_dir / "predictions.jsonl").read_bytes() == (resumed.run_dir / "predictions.jsonl").read_bytes()
 
-    # warm rerun: no generation at all
+    # warm rerun: no generation at all; the row still reports what computing it took
     calls.clear()
-    run_experiment(cfg, show_progress=False)
+    slow = time.perf_counter()
+
+    def slow_batch(self, prompts):  # make the generation cost visible beside the rerun's milliseconds
+        time.sleep(0.5)
+        return real(self, prompts)
+
+    monkeypatch.setenv("RAG_LAB_CACHE", str(env / "cache3"))
+    monkeypatch.setattr(HFGenerator, "generate_batch", slow_batch)
+    computed = run_experiment(cfg, show_progress=False)
+    assert computed.row["wall_s"] >= 1.5 and time.perf_counter() - slow >= 1.5
+    monkeypatch.setattr(HFGenerator, "generate_batch", counting)
+    rerun = run_experiment(cfg, show_progress=False)
     assert calls == []
+    assert rerun.timings["wall_s"] < 1.5 <= rerun.row["wall_s"]
+    assert json.loads((rerun.run_dir / "timings.json").read_text())["compute_s"] >= 1.5
 
 
 def test_generation_cache_key_follows_the_config(env, monkeypatch):

@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import resource
+import time
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -202,8 +204,11 @@ def train_reader(model_name_or_path: str, features: list[dict], dev_examples: Se
                       data_collator=qa_collate(tokenizer.pad_token_id), callbacks=callbacks)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json(output_dir / CONFIG_FILE, record)
+    t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume or None)
     info = {"record": record, **(notes or {}), "n_train": len(features), "n_dev": len(dev_examples),
+            "train_seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # of the whole process so far
             "n_dev_features": len(dev_features), "train_loss": result.training_loss,
             "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
             "log_history": trainer.state.log_history, "dev_history": dev_callback.history if dev_callback else []}
