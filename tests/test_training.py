@@ -105,6 +105,28 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
         train_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "b", settings(learning_rate=1e-3))
 
 
+def test_runtime_options_keep_the_weights(tmp_path, monkeypatch):
+    """Gradient checkpointing and model-only checkpoints change how a run goes, not what it learns."""
+    _, tok = make_tiny_causal_lm()
+    examples, _ = build_sft_examples(PROMPTS, ANSWERS, tok)
+    straight = train_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "a", settings())["model"]
+    lean = settings(gradient_checkpointing=True, save_optimizer=False)
+
+    import rag_lab.training.generator as gen
+
+    real_cls = gen.StopOnNonFiniteLoss
+    monkeypatch.setattr(gen, "StopOnNonFiniteLoss", lambda: InterruptAt(5))
+    with pytest.raises(KeyboardInterrupt):
+        train_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "b", lean)
+    checkpoint = tmp_path / "b" / "checkpoint-4"
+    assert (checkpoint / "model.safetensors").exists() and not (checkpoint / "optimizer.pt").exists()
+    monkeypatch.setattr(gen, "StopOnNonFiniteLoss", real_cls)
+    report = train_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "b", lean)  # starts over: no optimizer state
+    assert report["global_step"] == 6
+    for (name, a), b in zip(straight.state_dict().items(), report["model"].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 class PoisonAt(TrainerCallback):
     """Make the weights NaN after step `step`, as a diverging run would."""
 

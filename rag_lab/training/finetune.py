@@ -18,7 +18,7 @@ from pathlib import Path
 from rag_lab.data.records import QAExample
 from rag_lab.paths import REPO_ROOT
 from rag_lab.retrievers.base import stable_hash
-from rag_lab.training.generator import (DevEMCallback, TrainSettings, build_sft_examples, save_model,
+from rag_lab.training.generator import (RUNTIME_ONLY, DevEMCallback, TrainSettings, build_sft_examples, save_model,
                                         train_generator)
 
 FINAL = "final"
@@ -42,14 +42,16 @@ def settings_from(cfg, seed: int) -> TrainSettings:
                          weight_decay=t.weight_decay, eval_steps=t.eval_steps, patience=t.patience,
                          group_by_length=t.group_by_length, lora_r=t.lora_r, lora_alpha=t.lora_alpha,
                          lora_dropout=t.lora_dropout, lora_targets=tuple(t.lora_targets), seed=seed,
-                         tensorboard=t.tensorboard, max_new_tokens=cfg.generator.max_new_tokens)
+                         tensorboard=t.tensorboard, max_new_tokens=cfg.generator.max_new_tokens,
+                         gradient_checkpointing=t.gradient_checkpointing, save_optimizer=t.save_optimizer)
 
 
 def training_record(cfg, seed: int) -> dict:
     """Everything that changes the trained weights (the checkpoint folder's identity)."""
     retriever = dataclasses.asdict(cfg.retriever) if cfg.retriever.kind != "none" else None
+    training = {k: v for k, v in dataclasses.asdict(cfg.training).items() if k not in RUNTIME_ONLY}
     return {"base_model": cfg.generator.model, "generator": dataclasses.asdict(cfg.generator), "retriever": retriever,
-            "data": dataclasses.asdict(cfg.data), "training": {**dataclasses.asdict(cfg.training), "seeds": None},
+            "data": dataclasses.asdict(cfg.data), "training": {**training, "seeds": None},
             "seed": seed, "regime": cfg.regime}
 
 

@@ -32,6 +32,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (bad data, diverged loss, a resume with another config)."""
 
 
+# how a run is carried out, not what it learns: changing them neither moves the checkpoint folder nor blocks a resume
+RUNTIME_ONLY = ("gradient_checkpointing", "save_optimizer")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """What the Trainer needs from `TrainingConfig`, plus the paths; the config file of a run."""
@@ -54,6 +58,8 @@ class TrainSettings:
     seed: int = 0
     tensorboard: bool = False
     max_new_tokens: int = 16
+    gradient_checkpointing: bool = False
+    save_optimizer: bool = True
 
 
 # ---------------------------------------------------------------- data
@@ -200,6 +206,7 @@ def training_arguments(settings: TrainSettings, output_dir: Path, n_dev: int, de
         train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         eval_strategy="steps" if n_dev else "no", eval_steps=settings.eval_steps,
         save_strategy="steps", save_steps=settings.eval_steps, save_total_limit=2,
+        save_only_model=not settings.save_optimizer, gradient_checkpointing=settings.gradient_checkpointing,
         logging_steps=settings.eval_steps if settings.eval_steps < 10 else 10, logging_nan_inf_filter=False,
         load_best_model_at_end=bool(n_dev), metric_for_best_model=("dev_em" if dev_em else "loss") if n_dev else None,
         greater_is_better=dev_em,
@@ -215,8 +222,9 @@ def train_generator(model, tokenizer, train_examples: list[dict], output_dir: st
     """Fine-tune `model` on token-level SFT examples; resume from the last checkpoint in `output_dir`
     when its config matches. Returns the loss / dev-EM history; the best model is left in `model`."""
     output_dir = Path(output_dir)
-    record = json.loads(json.dumps(record or dataclasses.asdict(settings)))  # as it will read back from disk
-    resume = check_resume_config(output_dir, record) and last_checkpoint(output_dir)
+    record = record or {k: v for k, v in dataclasses.asdict(settings).items() if k not in RUNTIME_ONLY}
+    record = json.loads(json.dumps(record))  # as it will read back from disk
+    resume = check_resume_config(output_dir, record) and settings.save_optimizer and last_checkpoint(output_dir)
     if settings.method == "lora":
         model = apply_lora(model, settings)
     callbacks = [StopOnNonFiniteLoss()]

@@ -36,7 +36,7 @@ from rag_lab.io import write_json
 from rag_lab.metrics import gold_spans, has_answer_normalized, padded_normalized
 from rag_lab.retrievers.base import passage_text
 from rag_lab.training.finetune import FINAL, output_dir_for, settings_from, split_train_dev, training_record
-from rag_lab.training.generator import (CONFIG_FILE, DevEMCallback, ListDataset, StopOnNonFiniteLoss, TrainingError,
+from rag_lab.training.generator import (CONFIG_FILE, RUNTIME_ONLY, DevEMCallback, ListDataset, StopOnNonFiniteLoss, TrainingError,
                                         TrainSettings, check_resume_config, last_checkpoint, save_model,
                                         training_arguments)
 
@@ -180,8 +180,9 @@ def train_reader(model_name_or_path: str, features: list[dict], dev_examples: Se
     if not features:
         raise TrainingError("empty training set: no reader features (no question's passages hold an answer span)")
     output_dir = Path(output_dir)
-    record = json.loads(json.dumps(record or dataclasses.asdict(settings)))  # as it will read back from disk
-    resume = check_resume_config(output_dir, record) and last_checkpoint(output_dir)
+    record = record or {k: v for k, v in dataclasses.asdict(settings).items() if k not in RUNTIME_ONLY}
+    record = json.loads(json.dumps(record))  # as it will read back from disk
+    resume = check_resume_config(output_dir, record) and settings.save_optimizer and last_checkpoint(output_dir)
     model, tokenizer, _ = load_qa_model(model_name_or_path)  # an untrained head is the point of training
     dev_examples = list(dev_examples)
     callbacks, dev_features, dev_callback = [StopOnNonFiniteLoss()], [], None
