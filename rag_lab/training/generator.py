@@ -206,7 +206,7 @@ def training_arguments(settings: TrainSettings, output_dir: Path, n_dev: int, de
         train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         eval_strategy="steps" if n_dev else "no", eval_steps=settings.eval_steps,
         save_strategy="steps", save_steps=settings.eval_steps, save_total_limit=2,
-        save_only_model=not settings.save_optimizer, gradient_checkpointing=settings.gradient_checkpointing,
+        save_only_model=not settings.save_optimizer, **_checkpointing_argument(settings.gradient_checkpointing),
         logging_steps=settings.eval_steps if settings.eval_steps < 10 else 10, logging_nan_inf_filter=False,
         load_best_model_at_end=bool(n_dev), metric_for_best_model=("dev_em" if dev_em else "loss") if n_dev else None,
         greater_is_better=dev_em,
@@ -214,6 +214,12 @@ def training_arguments(settings: TrainSettings, output_dir: Path, n_dev: int, de
         use_cpu=not torch.cuda.is_available(), disable_tqdm=False, remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # every parameter gets a gradient (LoRA: frozen ones need none)
     )
+
+
+def _checkpointing_argument(enabled: bool) -> dict:
+    """transformers 5 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name warns)."""
+    fields = TrainingArguments.__dataclass_fields__
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": enabled}
 
 
 def train_generator(model, tokenizer, train_examples: list[dict], output_dir: str | Path, settings: TrainSettings,
