@@ -16,9 +16,11 @@ from rag_lab.io import atomic_write_text
 
 
 def upsert_rows(csv_path: str | Path, rows: Sequence[dict], key: Sequence[str], title: str = "", note: str = "",
-                render: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pd.DataFrame:
+                render: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+                order: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pd.DataFrame:
     """Insert or replace `rows` (matched on the `key` columns) in `csv_path`; rewrite the .md beside it
-    (through `render`, which turns the numeric table into the one people read)."""
+    (through `render`, which turns the numeric table into the one people read). `order` sorts the
+    rows (default: where they were inserted)."""
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(csv_path) + ".lock"):
@@ -29,6 +31,8 @@ def upsert_rows(csv_path: str | Path, rows: Sequence[dict], key: Sequence[str], 
             keep = [tuple(r) not in new_keys for r in table[list(key)].astype(str).values]
             table = table[keep]
         table = pd.concat([table, new], ignore_index=True) if not table.empty else new
+        if order is not None:
+            table = order(table).reset_index(drop=True)
         buf = io.StringIO()
         table.to_csv(buf, index=False)
         atomic_write_text(csv_path, buf.getvalue())

@@ -331,4 +331,20 @@ def upsert_main_table(rows: list[dict], profile: str = "default") -> pd.DataFram
                              "(or the notebooks). EM / F1 / answer match with 95% bootstrap CIs (1,000 resamples); "
                              "answer recall@k = a gold answer occurs in the k passages the reader saw; 'in corpus' = "
                              "questions whose answer occurs somewhere in the corpus. Greedy decoding."),
-                       render=display_main_table)
+                       render=display_main_table, order=in_regime_order)
+
+
+REGIME_ORDER = ("closed_book", "closed_book_ft", "rag", "rag_ft", "reader")  # the order of the comparison
+
+
+def in_regime_order(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows in the order the comparison reads: closed-book, fine-tuned, RAG, RAG fine-tuned, reader;
+    within a regime by experiment name, numbers compared as numbers (k1, k3, k5, k10)."""
+    import re
+
+    def key(row) -> tuple:
+        regime = REGIME_ORDER.index(row["regime"]) if row["regime"] in REGIME_ORDER else len(REGIME_ORDER)
+        name = tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(row["experiment"])) if t)
+        return regime, name
+
+    return table.iloc[sorted(range(len(table)), key=lambda i: key(table.iloc[i]))]

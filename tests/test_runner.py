@@ -147,3 +147,15 @@ def test_concurrent_upserts_lose_no_row(tmp_path):
     upsert_rows(path, [{"experiment": "e3", "eval_set": "s", "em": 0.99}], key=("experiment", "eval_set"))
     table = pd.read_csv(path)
     assert len(table) == 8 and table.set_index("experiment").loc["e3", "em"] == 0.99
+
+
+def test_main_table_rows_read_in_regime_order(tmp_path):
+    from rag_lab.runner import in_regime_order
+
+    table = pd.DataFrame({"experiment": ["reader_x", "rag_k10", "rag_k3", "cb_ft", "rag_ft", "cb"],
+                          "regime": ["reader", "rag", "rag", "closed_book_ft", "rag_ft", "closed_book"]})
+    assert in_regime_order(table)["experiment"].tolist() == ["cb", "cb_ft", "rag_k3", "rag_k10", "rag_ft", "reader_x"]
+    path = tmp_path / "t.csv"
+    upsert_rows(path, table.to_dict("records")[:3], key=("experiment",), order=in_regime_order)
+    upsert_rows(path, table.to_dict("records")[3:], key=("experiment",), order=in_regime_order)
+    assert pd.read_csv(path)["experiment"].tolist() == ["cb", "cb_ft", "rag_k3", "rag_k10", "rag_ft", "reader_x"]
