@@ -129,8 +129,8 @@ def _generate_resumable(generator, questions, contexts, partial_path: Path, show
         def on_batch(indices: list[int], raws: list[str]) -> None:
             nonlocal last
             now = time.perf_counter()
-            seconds.append(now - last)
-            log.write(json.dumps({"indices": indices, "raw": raws, "s": round(now - last, 3)}, ensure_ascii=False) + "\n")
+            seconds.append(round(now - last, 3))
+            log.write(json.dumps({"indices": indices, "raw": raws, "s": seconds[-1]}, ensure_ascii=False) + "\n")
             log.flush()
             os.fsync(log.fileno())
             last = now
@@ -217,10 +217,9 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
             training[seed] = {"model": str(final.relative_to(REPO_ROOT)) if final.is_relative_to(REPO_ROOT) else str(final),
                               **{k: info.get(k) for k in ("n_train", "n_dev", "skipped_empty_answers", "train_loss", "global_step", "train_seconds", "peak_rss_gb",
                                                            "best_checkpoint", "log_history", "dev_history")}}
-        t = time.perf_counter()
-        preds, key, compute[f"generate_seed{seed}_s" if cfg.training.enabled else "generate_s"] = \
-            generate_stage(cfg, questions, train, passages, hits, path, show_progress)
-        timings[f"generate_seed{seed}_s" if cfg.training.enabled else "generate_s"] = time.perf_counter() - t
+        t, stage = time.perf_counter(), f"generate_seed{seed}_s" if cfg.training.enabled else "generate_s"
+        preds, key, compute[stage] = generate_stage(cfg, questions, train, passages, hits, path, show_progress)
+        timings[stage] = time.perf_counter() - t
         rows = score_stage(questions, preds, hits, passages)
         per_seed.append((seed, key, rows, summarize_rows(rows, seed=0)))
 
@@ -228,8 +227,7 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     metrics["seeds"] = seed_summary(per_seed)
     timings["wall_s"] = time.perf_counter() - t0
     # the row's cost is that of computing it, not of a rerun served from the caches
-    unknown = [k for k, v in compute.items() if v is None]
-    compute_s = None if unknown else timings["data_s"] + timings["retrieve_s"] + sum(compute.values())
+    compute_s = None if None in compute.values() else timings["data_s"] + timings["retrieve_s"] + sum(compute.values())
     run_dir = write_run_folder(cfg, profile, key, rows, metrics, {**timings, "compute_s": compute_s}, training)
     row = table_row(cfg, metrics, eval_set_name(cfg.data, len(questions)), compute_s,
                     run_dir.relative_to(profile_results_dir(profile)).as_posix())

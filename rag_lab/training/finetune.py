@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import resource
-import time
 from pathlib import Path
 
 from rag_lab.data.records import QAExample
@@ -118,11 +116,9 @@ def _train(cfg, seed: int, out: Path, show_progress: bool) -> dict:
     settings = settings_from(cfg, seed)
     record = training_record(cfg, seed)
     callback = DevEMCallback(make_generator, dev, dev_ctx) if dev else None
-    t0 = time.perf_counter()
     report = train_generator(model, tokenizer, examples, out, settings, dev_examples, callback, record)
     info = {"record": record, "n_train": len(examples), "skipped_empty_answers": skipped, "n_dev": len(dev),
-            "train_seconds": round(time.perf_counter() - t0, 1),
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # of the whole process so far
+            "train_seconds": report["train_seconds"], "peak_rss_gb": report["peak_rss_gb"],  # peak of the whole process so far
             "train_loss": report["train_loss"], "global_step": report["global_step"],
             "best_checkpoint": report["best_checkpoint"], "log_history": report["log_history"],
             "dev_history": report["dev_history"]}

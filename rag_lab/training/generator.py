@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import resource
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +22,7 @@ from typing import Sequence
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
-from rag_lab.data.records import Passage, QAExample
+from rag_lab.data.records import QAExample
 from rag_lab.io import write_json
 from rag_lab.metrics import score_predictions
 
@@ -187,6 +189,24 @@ def check_resume_config(output_dir: Path, record: dict) -> bool:
     return True
 
 
+def resume_point(output_dir: Path, settings: TrainSettings, record: dict | None) -> tuple[dict, str | None]:
+    """The run's record as it reads back from disk (default: `settings` less the runtime-only keys)
+    and the checkpoint to resume from: the last one when the record matches and checkpoints keep
+    the optimizer state, else None (a differing record is an error naming the keys)."""
+    record = record or {k: v for k, v in dataclasses.asdict(settings).items() if k not in RUNTIME_ONLY}
+    record = json.loads(json.dumps(record))
+    resume = check_resume_config(output_dir, record) and settings.save_optimizer and last_checkpoint(output_dir)
+    return record, resume or None
+
+
+def timed_train(trainer, resume: str | None) -> tuple[object, dict]:
+    """`trainer.train(resume)` and what it cost: seconds, and the process's peak RSS so far (GB)."""
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    return result, {"train_seconds": round(time.perf_counter() - t0, 1),
+                    "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
 def last_checkpoint(output_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -228,9 +248,7 @@ def train_generator(model, tokenizer, train_examples: list[dict], output_dir: st
     """Fine-tune `model` on token-level SFT examples; resume from the last checkpoint in `output_dir`
     when its config matches. Returns the loss / dev-EM history; the best model is left in `model`."""
     output_dir = Path(output_dir)
-    record = record or {k: v for k, v in dataclasses.asdict(settings).items() if k not in RUNTIME_ONLY}
-    record = json.loads(json.dumps(record))  # as it will read back from disk
-    resume = check_resume_config(output_dir, record) and settings.save_optimizer and last_checkpoint(output_dir)
+    record, resume = resume_point(output_dir, settings, record)
     if settings.method == "lora":
         model = apply_lora(model, settings)
     callbacks = [StopOnNonFiniteLoss()]
@@ -241,11 +259,11 @@ def train_generator(model, tokenizer, train_examples: list[dict], output_dir: st
                       data_collator=pad_collate(tokenizer.pad_token_id), callbacks=callbacks)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json(output_dir / CONFIG_FILE, record)
-    result = trainer.train(resume_from_checkpoint=resume or None)
+    result, cost = timed_train(trainer, resume)
     model = trainer.model
     if settings.method == "lora":
         model = model.merge_and_unload()  # plain weights: inference needs no peft
-    return {"model": model, "train_loss": result.training_loss, "global_step": trainer.state.global_step,
+    return {"model": model, **cost, "train_loss": result.training_loss, "global_step": trainer.state.global_step,
             "log_history": trainer.state.log_history, "best_checkpoint": trainer.state.best_model_checkpoint,
             "dev_history": dev_callback.history if dev_callback else []}
 

@@ -19,11 +19,8 @@ stopping, resume by config, atomic final save) are those of `rag_lab.training.ge
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
-import resource
-import time
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -36,9 +33,8 @@ from rag_lab.io import write_json
 from rag_lab.metrics import gold_spans, has_answer_normalized, padded_normalized
 from rag_lab.retrievers.base import passage_text
 from rag_lab.training.finetune import FINAL, output_dir_for, settings_from, split_train_dev, training_record
-from rag_lab.training.generator import (CONFIG_FILE, RUNTIME_ONLY, DevEMCallback, ListDataset, StopOnNonFiniteLoss, TrainingError,
-                                        TrainSettings, check_resume_config, last_checkpoint, save_model,
-                                        training_arguments)
+from rag_lab.training.generator import (CONFIG_FILE, DevEMCallback, ListDataset, StopOnNonFiniteLoss, TrainingError,
+                                        TrainSettings, resume_point, save_model, timed_train, training_arguments)
 
 # The reader at evaluation time (`build_generator` -> ExtractiveReader) reads 384 tokens; train on the same window.
 MAX_LENGTH = 384
@@ -180,9 +176,7 @@ def train_reader(model_name_or_path: str, features: list[dict], dev_examples: Se
     if not features:
         raise TrainingError("empty training set: no reader features (no question's passages hold an answer span)")
     output_dir = Path(output_dir)
-    record = record or {k: v for k, v in dataclasses.asdict(settings).items() if k not in RUNTIME_ONLY}
-    record = json.loads(json.dumps(record))  # as it will read back from disk
-    resume = check_resume_config(output_dir, record) and settings.save_optimizer and last_checkpoint(output_dir)
+    record, resume = resume_point(output_dir, settings, record)
     model, tokenizer, _ = load_qa_model(model_name_or_path)  # an untrained head is the point of training
     dev_examples = list(dev_examples)
     callbacks, dev_features, dev_callback = [StopOnNonFiniteLoss()], [], None
@@ -205,11 +199,8 @@ def train_reader(model_name_or_path: str, features: list[dict], dev_examples: Se
                       data_collator=qa_collate(tokenizer.pad_token_id), callbacks=callbacks)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json(output_dir / CONFIG_FILE, record)
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume or None)
-    info = {"record": record, **(notes or {}), "n_train": len(features), "n_dev": len(dev_examples),
-            "train_seconds": round(time.perf_counter() - t0, 1),
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # of the whole process so far
+    result, cost = timed_train(trainer, resume)
+    info = {"record": record, **(notes or {}), "n_train": len(features), "n_dev": len(dev_examples), **cost,
             "n_dev_features": len(dev_features), "train_loss": result.training_loss,
             "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
             "log_history": trainer.state.log_history, "dev_history": dev_callback.history if dev_callback else []}
