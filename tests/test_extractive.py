@@ -1,7 +1,6 @@
 """Extractive reader: best_span against a brute-force reference, the reader end to end with a
 mock QA model whose logits we choose, tiny random BERT checkpoints on disk, bad input."""
 import itertools
-import time
 import warnings
 from types import SimpleNamespace
 
@@ -272,11 +271,9 @@ def test_max_length_beyond_the_position_embeddings_is_an_error(tmp_path):
 
 @pytest.mark.slow
 def test_embedded_minilm_reads_with_a_random_head():
-    t0 = time.perf_counter()
     with pytest.warns(UserWarning, match="no trained QA head"):
         reader = ExtractiveReader("all-minilm-l6-v2")
     preds = reader.generate([Q_FRANCE], [[BERLIN, FRANCE]])
     assert preds[0]["passage_id"] in {"Berlin#0", "France#0"}
     context = passage_text(BERLIN if preds[0]["passage_id"] == "Berlin#0" else FRANCE)
     assert preds[0]["prediction"] and preds[0]["prediction"] in context
-    assert time.perf_counter() - t0 < 15

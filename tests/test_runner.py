@@ -109,7 +109,6 @@ def test_generation_cache_and_resume_after_kill(env, monkeypatch):
 
     # warm rerun: no generation at all; the row still reports what computing it took
     calls.clear()
-    slow = time.perf_counter()
 
     def slow_batch(self, prompts):  # make the generation cost visible beside the rerun's milliseconds
         time.sleep(0.5)
@@ -118,11 +117,11 @@ def test_generation_cache_and_resume_after_kill(env, monkeypatch):
     monkeypatch.setenv("RAG_LAB_CACHE", str(env / "cache3"))
     monkeypatch.setattr(HFGenerator, "generate_batch", slow_batch)
     computed = run_experiment(cfg, show_progress=False)
-    assert computed.row["wall_s"] >= 1.5 and time.perf_counter() - slow >= 1.5
+    assert computed.row["wall_s"] >= 1.5  # three batches of 0.5 s sleep
     monkeypatch.setattr(HFGenerator, "generate_batch", counting)
     rerun = run_experiment(cfg, show_progress=False)
-    assert calls == []
-    assert rerun.timings["wall_s"] < 1.5 <= rerun.row["wall_s"]
+    assert calls == []  # nothing generated, yet the row reports the cost of the first computation
+    assert rerun.row["wall_s"] >= 1.5
     assert json.loads((rerun.run_dir / "timings.json").read_text())["compute_s"] >= 1.5
 
 

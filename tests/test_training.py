@@ -206,7 +206,7 @@ def test_two_processes_match_one(tmp_path):
     """torchrun --nproc_per_node 2 (DDP over gloo on the CPU): both ranks end identical, and equal to
     one process with the same global batch (2 x 2 = 4)."""
     script = str(__import__("pathlib").Path(__file__).parent / "ddp_train.py")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     subprocess.run(launch + [script, str(tmp_path / "two"), "2"], check=True, timeout=600)
     subprocess.run([sys.executable, script, str(tmp_path / "one"), "4"], check=True, timeout=600)
     r0, r1 = load_file(str(tmp_path / "two" / "rank0.safetensors")), load_file(str(tmp_path / "two" / "rank1.safetensors"))
