@@ -1,6 +1,5 @@
 """Generator fine-tuning: label masking, a step lowers the loss, resume == uninterrupted,
 LoRA merge, bad inputs, and a 2-process run equal to a single-process one."""
-import math
 import subprocess
 import sys
 
@@ -9,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from rag_lab.training.generator import (IGNORE, TrainingError, TrainSettings, apply_lora, build_sft_examples,
-                                        pad_collate, padding_fraction, train_generator)
+from rag_lab.training.generator import (IGNORE, TrainingError, TrainSettings, answer_logits_collate, answer_logits_loss,
+                                        apply_lora, build_sft_examples, keeps_logits_at_positions, pad_collate,
+                                        padding_fraction, train_generator)
 from tiny_models import make_tiny_causal_lm
 
 PROMPTS = ["question who was king answer", "question what is the capital of france answer",
@@ -54,6 +54,32 @@ def test_loss_covers_answer_tokens_only():
     by_hand = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
     assert model(**batch).loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
     assert keep.sum() == 2  # "louis" + EOS
+
+
+def test_answer_logits_loss_equals_the_full_loss():
+    """The trainer's LM head runs only at answer positions; the loss (mean, and normalised by a
+    token count as under gradient accumulation) and its gradients equal the model's own on all positions."""
+    model, tok = make_tiny_causal_lm()
+    examples, _ = build_sft_examples(PROMPTS, ANSWERS, tok)
+    full_batch = pad_collate(tok.pad_token_id)(examples)
+    batch = answer_logits_collate(tok.pad_token_id)(examples)
+    kept = batch["logits_to_keep"]
+    assert 0 < len(kept) < full_batch["input_ids"].shape[1] - 1  # fewer positions than the model's own loss reads
+    labels = batch.pop("labels")
+    outputs = model(**batch)
+    assert outputs.logits.shape[1] == len(kept)
+    n = int((labels[:, 1:] != IGNORE).sum())
+    for count in (None, torch.tensor(2 * n)):
+        full = model(**full_batch, num_items_in_batch=count).loss
+        assert answer_logits_loss(outputs, labels, count).item() == pytest.approx(full.item(), rel=1e-6)
+    model.zero_grad()
+    model(**full_batch).loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    answer_logits_loss(model(**batch), labels).backward()
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
+    assert keeps_logits_at_positions(model)
 
 
 def test_bad_training_inputs():

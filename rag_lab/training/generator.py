@@ -2,7 +2,8 @@
 
 Built on the Hugging Face Trainer, so the same code runs on one CPU, one GPU, or many
 GPUs / nodes (`accelerate launch` / `torchrun`). The loss covers the answer tokens only:
-prompt tokens are labelled -100. Dev EM (greedy decoding on a slice held out from train)
+prompt tokens are labelled -100, and for decoder-only models the LM head runs only at the
+positions that predict an answer token (`logits_to_keep`; same loss, less work). Dev EM (greedy decoding on a slice held out from train)
 is computed at every evaluation and drives checkpoint selection and early stopping.
 
     examples, skipped = build_sft_examples(prompts, answers, tokenizer)
@@ -109,6 +110,41 @@ def pad_collate(pad_id: int):
             ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
     return collate
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose next token is an answer token in some row of the batch: the only
+    positions whose logits the loss reads (the logits at position p predict token p + 1)."""
+    return (labels[:, 1:] != IGNORE).any(dim=0).nonzero().flatten()
+
+
+def answer_logits_collate(pad_id: int):
+    """`pad_collate` plus `logits_to_keep` = `answer_positions(labels)`, so the model runs its LM head
+    (49k columns for SmolLM2) only where an answer token is predicted. Pair with `answer_logits_loss`."""
+    collate = pad_collate(pad_id)
+
+    def collate_keep(batch: list[dict]) -> dict[str, torch.Tensor]:
+        out = collate(batch)
+        out["logits_to_keep"] = answer_positions(out["labels"])
+        return out
+    return collate_keep
+
+
+def answer_logits_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """The causal-LM loss on logits kept at `answer_positions(labels)`: the same sum of token
+    cross-entropies, over the same count, as the model's own loss on all positions (Trainer
+    `compute_loss_func`: normalised by `num_items_in_batch` when the Trainer counts it)."""
+    target = labels[:, answer_positions(labels) + 1].to(outputs.logits.device)
+    loss = torch.nn.functional.cross_entropy(outputs.logits.flatten(0, 1).float(), target.flatten(),
+                                             ignore_index=IGNORE, reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else (target != IGNORE).sum())
+
+
+def keeps_logits_at_positions(model) -> bool:
+    """Whether `model.forward` takes `logits_to_keep` (transformers' decoder-only LMs do)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def padding_fraction(examples: Sequence[dict], batch_size: int, group_by_length: bool, seed: int = 0) -> float:
@@ -265,6 +301,7 @@ def train_generator(model, tokenizer, train_examples: list[dict], output_dir: st
     when its config matches. Returns the loss / dev-EM history; the best model is left in `model`."""
     output_dir = Path(output_dir)
     record, resume = resume_point(output_dir, settings, record)
+    answer_logits = keeps_logits_at_positions(model)  # asked before LoRA wraps the forward
     if settings.method == "lora":
         model = apply_lora(model, settings)
     callbacks = [StopOnNonFiniteLoss()]
@@ -272,7 +309,8 @@ def train_generator(model, tokenizer, train_examples: list[dict], output_dir: st
         callbacks += [dev_callback, EarlyStoppingCallback(early_stopping_patience=settings.patience)]
     trainer = Trainer(model=model, args=training_arguments(settings, output_dir, len(dev_examples or []), dev_callback is not None),
                       train_dataset=ListDataset(train_examples), eval_dataset=ListDataset(dev_examples) if dev_examples else None,
-                      data_collator=pad_collate(tokenizer.pad_token_id), callbacks=callbacks)
+                      data_collator=(answer_logits_collate if answer_logits else pad_collate)(tokenizer.pad_token_id),
+                      compute_loss_func=answer_logits_loss if answer_logits else None, callbacks=callbacks)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json(output_dir / CONFIG_FILE, record)
     result, cost = timed_train(trainer, resume)
