@@ -3,8 +3,8 @@
     python benchmarks/bench_training.py [--steps 6] [--batch-size 8]
 
 Side by side in one run: the float32 matmul peak (sampled before and after every mode; the best
-sample is the reference); full fine-tuning (a hand-written loop, and the same through the Hugging
-Face Trainer as `train_generator` sets it up) and LoRA step time,
+sample is the reference); full fine-tuning (a hand-written loop, and the same through
+`generator_trainer`, the Hugging Face Trainer `train_generator` runs) and LoRA step time,
 non-pad tokens/s, and achieved FLOP/s (6 x params x tokens for full; LoRA skips the weight
 gradients: ~4 x params x tokens) as a fraction of the peak; the padding fraction of an epoch
 of closed-book and RAG training batches with and without length grouping; peak RSS of each
@@ -84,22 +84,16 @@ def child(mode: str, steps: int, batch_size: int, rag: bool) -> None:
 
 
 def trainer_child(model, tok, examples: list[dict], batch_size: int, n_params: int, rag: bool) -> None:
-    """Full fine-tuning through the Hugging Face Trainer, set up as `train_generator` sets it up (same
-    `training_arguments`, dataset, collator and loss: the LM head runs at answer positions only;
-    length-grouped batches, linear schedule, grad clipping). Steps are timed by a callback."""
+    """Full fine-tuning through `generator_trainer`, the Trainer `train_generator` runs (its
+    arguments, collator and loss: the LM head at answer positions only; length-grouped batches,
+    linear schedule, grad clipping). Steps are timed by a callback."""
     import tempfile
 
-    from transformers import Trainer, TrainerCallback
+    from transformers import TrainerCallback
 
-    from rag_lab.training.generator import ListDataset, TrainSettings, answer_logits_collate, answer_logits_loss, training_arguments
+    from rag_lab.training.generator import TrainSettings, generator_trainer
 
-    collate, step_tokens, step_head_rows = answer_logits_collate(tok.pad_token_id), [], []
-
-    def counting_collate(batch):  # batches reach the collator in step order (no dataloader workers)
-        out = collate(batch)
-        step_tokens.append(int(out["attention_mask"].sum()))
-        step_head_rows.append(len(batch) * len(out["logits_to_keep"]))  # rows the LM head computes
-        return out
+    step_tokens, step_head_rows = [], []
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -114,8 +108,17 @@ def trainer_child(model, tok, examples: list[dict], batch_size: int, n_params: i
     timer = StepTimer()
     settings = TrainSettings(learning_rate=1e-5, epochs=1, batch_size=batch_size, eval_steps=10**6, save_optimizer=False)
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model=model, args=training_arguments(settings, Path(out), 0, False), train_dataset=ListDataset(examples),
-                          data_collator=counting_collate, compute_loss_func=answer_logits_loss, callbacks=[timer])
+        trainer = generator_trainer(model, tok, examples, Path(out), settings)
+        collate = trainer.data_collator
+
+        def counting_collate(batch):  # batches reach the collator in step order (no dataloader workers)
+            out = collate(batch)
+            step_tokens.append(int(out["attention_mask"].sum()))
+            step_head_rows.append(len(batch) * len(out["logits_to_keep"]))  # rows the LM head computes
+            return out
+
+        trainer.data_collator = counting_collate
+        trainer.add_callback(timer)
         trainer.train()
     times, tokens = timer.times[1:], sum(step_tokens[1:len(timer.times)])  # the first step warms up
     head_rows = sum(step_head_rows[1:len(timer.times)])

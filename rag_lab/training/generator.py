@@ -3,8 +3,9 @@
 Built on the Hugging Face Trainer, so the same code runs on one CPU, one GPU, or many
 GPUs / nodes (`accelerate launch` / `torchrun`). The loss covers the answer tokens only:
 prompt tokens are labelled -100, and for decoder-only models the LM head runs only at the
-positions that predict an answer token (`logits_to_keep`; same loss, less work). Dev EM (greedy decoding on a slice held out from train)
-is computed at every evaluation and drives checkpoint selection and early stopping.
+positions that predict an answer token (`logits_to_keep`; same loss, less work). Dev EM
+(greedy decoding on a slice held out from train) is computed at every evaluation and drives
+checkpoint selection and early stopping.
 
     examples, skipped = build_sft_examples(prompts, answers, tokenizer)
     report = train_generator(model, tokenizer, examples, dev, builder, settings, output_dir)
@@ -237,7 +238,8 @@ def resume_point(output_dir: Path, settings: TrainSettings, record: dict | None)
 
 
 def timed_train(trainer, resume: str | None) -> tuple[object, dict]:
-    """`trainer.train(resume)` and what it cost: seconds, and the process's peak RSS so far (GB)."""
+    """`trainer.train(resume)` and what it cost: seconds, and the process's peak RSS so far (GB).
+    Under torchrun, the process group the Trainer opened is closed at exit."""
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     close_process_group_at_exit()
@@ -249,7 +251,7 @@ def timed_train(trainer, resume: str | None) -> tuple[object, dict]:
 def close_process_group_at_exit() -> None:
     """Under `torchrun` / `accelerate launch` the Trainer opens a torch.distributed process group. One still
     open when the interpreter exits can abort that rank (gloo: "terminate called without an active
-    exception", about 1 run in 6 on this machine), so destroy it at exit. Once per process; no-op alone."""
+    exception", 2 runs in 26 on this machine), so destroy it at exit. Once per process; no-op alone."""
     import atexit
 
     def close() -> None:
@@ -294,6 +296,22 @@ def _checkpointing_argument(enabled: bool) -> dict:
     return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": enabled}
 
 
+def generator_trainer(model, tokenizer, train_examples: list[dict], output_dir: Path, settings: TrainSettings,
+                      dev_examples: list[dict] | None = None, dev_callback: DevEMCallback | None = None) -> Trainer:
+    """The Trainer `train_generator` runs: LoRA applied if asked, the LM head at answer positions
+    when the model supports it, dev EM + early stopping when a dev callback is given."""
+    answer_logits = keeps_logits_at_positions(model)  # asked before LoRA wraps the forward
+    if settings.method == "lora":
+        model = apply_lora(model, settings)
+    callbacks = [StopOnNonFiniteLoss()]
+    if dev_callback is not None:  # before early stopping, which reads the dev EM it writes
+        callbacks += [dev_callback, EarlyStoppingCallback(early_stopping_patience=settings.patience)]
+    return Trainer(model=model, args=training_arguments(settings, output_dir, len(dev_examples or []), dev_callback is not None),
+                   train_dataset=ListDataset(train_examples), eval_dataset=ListDataset(dev_examples) if dev_examples else None,
+                   data_collator=(answer_logits_collate if answer_logits else pad_collate)(tokenizer.pad_token_id),
+                   compute_loss_func=answer_logits_loss if answer_logits else None, callbacks=callbacks)
+
+
 def train_generator(model, tokenizer, train_examples: list[dict], output_dir: str | Path, settings: TrainSettings,
                     dev_examples: list[dict] | None = None, dev_callback: DevEMCallback | None = None,
                     record: dict | None = None) -> dict:
@@ -301,16 +319,7 @@ def train_generator(model, tokenizer, train_examples: list[dict], output_dir: st
     when its config matches. Returns the loss / dev-EM history; the best model is left in `model`."""
     output_dir = Path(output_dir)
     record, resume = resume_point(output_dir, settings, record)
-    answer_logits = keeps_logits_at_positions(model)  # asked before LoRA wraps the forward
-    if settings.method == "lora":
-        model = apply_lora(model, settings)
-    callbacks = [StopOnNonFiniteLoss()]
-    if dev_callback is not None:  # before early stopping, which reads the dev EM it writes
-        callbacks += [dev_callback, EarlyStoppingCallback(early_stopping_patience=settings.patience)]
-    trainer = Trainer(model=model, args=training_arguments(settings, output_dir, len(dev_examples or []), dev_callback is not None),
-                      train_dataset=ListDataset(train_examples), eval_dataset=ListDataset(dev_examples) if dev_examples else None,
-                      data_collator=(answer_logits_collate if answer_logits else pad_collate)(tokenizer.pad_token_id),
-                      compute_loss_func=answer_logits_loss if answer_logits else None, callbacks=callbacks)
+    trainer = generator_trainer(model, tokenizer, train_examples, output_dir, settings, dev_examples, dev_callback)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json(output_dir / CONFIG_FILE, record)
     result, cost = timed_train(trainer, resume)
