@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -127,6 +128,42 @@ def trainer_child(model, tok, examples: list[dict], batch_size: int, n_params: i
                       "n_head_params": model.get_output_embeddings().weight.numel(), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
+def answer_logits_ab(steps: int, batch_size: int, rounds: int = 3) -> dict:
+    """The LM head at every position vs at answer positions only, side by side: forward + backward
+    on the same batches, alternating between the two in one process (no optimiser step, so both
+    see the same weights); best round of each. Closed-book prompts."""
+    import torch
+
+    from rag_lab.models import load_causal_lm
+    from rag_lab.training.generator import answer_logits_collate, answer_logits_loss
+
+    model, tok = load_causal_lm("smollm2-135m-instruct")
+    collate = answer_logits_collate(tok.pad_token_id)
+    examples = training_examples(tok, steps * batch_size, False)
+    batches = [collate(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+    model.train()
+
+    def every_position(b):
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+
+    def answer_positions(b):
+        return answer_logits_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                        logits_to_keep=b["logits_to_keep"]), b["labels"])
+
+    best = {"every_position_s": math.inf, "answer_positions_s": math.inf}
+    for _ in range(rounds):
+        for key, loss_of in (("every_position_s", every_position), ("answer_positions_s", answer_positions)):
+            t = time.perf_counter()
+            for b in batches:
+                loss_of(b).backward()
+                model.zero_grad(set_to_none=True)
+            best[key] = min(best[key], time.perf_counter() - t)
+    kept = sum(len(b["logits_to_keep"]) * len(b["input_ids"]) for b in batches)
+    total = sum(b["input_ids"].numel() for b in batches)
+    return {**best, "batches": len(batches), "batch_size": batch_size, "head_rows_kept_fraction": kept / total,
+            "speedup": best["every_position_s"] / best["answer_positions_s"], "threads": torch.get_num_threads()}
+
+
 def padding(rag: bool, batch_size: int) -> dict:
     from rag_lab.models import load_causal_lm
     from rag_lab.training.generator import padding_fraction
@@ -140,9 +177,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--_child", nargs=2, metavar=("MODE", "RAG"))
+    ap.add_argument("--answer-logits", action="store_true",
+                    help="only the LM-head A/B (every position vs answer positions) -> results/training_answer_logits.json")
     args = ap.parse_args()
     if args._child:
         return child(args._child[0], args.steps, args.batch_size, args._child[1] == "rag")
+    if args.answer_logits:
+        from rag_lab.io import write_json
+
+        report = answer_logits_ab(args.steps, args.batch_size)
+        print(json.dumps(report, indent=1))
+        return write_json(Path(__file__).parent / "results" / "training_answer_logits.json", report)
 
     from _common import matmul_peak_flops
 
