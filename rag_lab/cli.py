@@ -1,4 +1,5 @@
-"""Command line: `rag-lab build-data`, `rag-lab reproduce`, `rag-lab config-help`, `rag-lab check-config`."""
+"""Command line: `rag-lab build-data`, `rag-lab reproduce`, `rag-lab fetch-models`, `rag-lab config-help`,
+`rag-lab check-config`."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +66,15 @@ def _table(args: argparse.Namespace) -> None:
     print((profile_results_dir(args.profile) / "main_table.md").read_text(encoding="utf-8"))
 
 
+def _fetch_models(args: argparse.Namespace) -> None:
+    from rag_lab.models import EMBEDDED_MODELS, fetch_model
+
+    # By default every model with something to do: split files to assemble, GGUFs to de-quantise.
+    names = args.names or [n for n, m in EMBEDDED_MODELS.items() if m.parts or m.kind == "gguf-causal-lm"]
+    for name in names:
+        fetch_model(name, log=print)
+
+
 def _config_help(args: argparse.Namespace) -> None:
     print("\n".join(config_help()))
 
@@ -106,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("readme", help="regenerate the README's tables from results/")
     p.set_defaults(func=_readme)
 
+    p = sub.add_parser("fetch-models", help="download/verify/assemble the embedded models and build their float32 caches")
+    p.add_argument("names", nargs="*", metavar="NAME", help="embedded model names (default: all that need it)")
+    p.set_defaults(func=_fetch_models)
+
     p = sub.add_parser("config-help", help="list every experiment config key with its default and help")
     p.set_defaults(func=_config_help)
 
@@ -116,11 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors that are the user's to fix. The model ones only if rag_lab.models was loaded
+    (then it raised them): importing it here would load torch for every command."""
+    models, ct2 = sys.modules.get("rag_lab.models"), sys.modules.get("rag_lab.generators.ct2")
+    return ((ConfigError, DataError) + ((models.ModelNotFoundError, models.ModelIntegrityError) if models else ())
+            + ((ct2.BackendError,) if ct2 else ()))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError) as e:  # user errors: one clear line, no traceback
+    except _user_errors() as e:  # user errors: one clear line, no traceback (evaluated when raised)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

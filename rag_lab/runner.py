@@ -54,6 +54,13 @@ def load_run_data(cfg: ExperimentConfig) -> tuple[list[QAExample], list[QAExampl
 
     d = cfg.data
     questions = subset_questions(load_qa(d.dataset, d.eval_split), d.n_eval, d.subset_seed)
+    if d.only_answer_in_corpus:  # the oracle row's lens: the questions a perfect retriever could serve
+        if any(q.answer_in_corpus is None for q in questions):
+            from rag_lab.config import ConfigError
+
+            raise ConfigError(f"data.only_answer_in_corpus: the questions of {d.dataset!r} carry no answer_in_corpus flag "
+                              "(nq-mini has it; rag_lab.data.build_nq_mini.mark_answer_in_corpus adds it)")
+        questions = [q for q in questions if q.answer_in_corpus]
     needs_train = cfg.generator.n_few_shot > 0 or cfg.training.enabled
     train = load_qa(d.dataset, d.train_split) if needs_train else []
     passages = subset_corpus(load_corpus(d.corpus), questions, d.n_corpus, d.subset_seed) if cfg.retriever.kind != "none" else []
@@ -332,7 +339,7 @@ def upsert_main_table(rows: list[dict], profile: str = "default") -> pd.DataFram
                        render=display_main_table, order=in_regime_order)
 
 
-REGIME_ORDER = ("closed_book", "closed_book_ft", "rag", "rag_ft", "reader")  # the order of the comparison
+REGIME_ORDER = ("closed_book", "closed_book_ft", "rag", "rag_ft", "reader", "oracle")  # the order of the comparison
 
 
 def in_regime_order(table: pd.DataFrame) -> pd.DataFrame:

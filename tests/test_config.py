@@ -39,6 +39,11 @@ def test_profiles_override_only_their_keys(tmp_path):
     ("data: 5", r"'data' must be a mapping"),
     ("profiles: {tiny: {}}", r"'profiles' keys must be among"),
     ("retriever: {kind: bm25\n  k: [", r"exp.yaml:\d+: invalid YAML"),
+    ("regime: rag\nretriever: {kind: oracle}", r"retriever.kind: oracle goes with regime: oracle"),
+    ("regime: oracle\nretriever: {kind: bm25}", r"retriever.kind: oracle goes with regime: oracle"),
+    ("generator: {backend: vllm}", r"'generator.backend' = 'vllm' is not of type"),
+    ("generator: {kind: seq2seq, backend: ctranslate2}", r"backend: ctranslate2 serves decoder readers"),
+    ("data: {only_answer_in_corpus: 'false'}", r"'data.only_answer_in_corpus' = 'false' is not of type bool"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):

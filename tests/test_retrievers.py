@@ -190,3 +190,22 @@ def test_corpus_fingerprint_equals_json_lines_hash():
     lines = "".join(json.dumps([p.id, p.title, p.text], ensure_ascii=False) + "\n" for p in tricky)
     assert corpus_fingerprint(tricky) == hashlib.sha256(lines.encode("utf-8")).hexdigest()
     assert corpus_fingerprint(tricky) != corpus_fingerprint(tricky[:-1])
+
+
+def test_oracle_returns_answer_bearing_passages_best_bm25_first(tmp_path):
+    from rag_lab.retrievers import OracleRetriever
+
+    bm25 = BM25Retriever(PASSAGES, cache_dir=tmp_path, show_progress=False)
+    oracle = OracleRetriever(PASSAGES, bm25)
+    questions = Q + [QAExample("q3", "which river flows through France", ("France",)),
+                     QAExample("q4", "what is on the moon", ("cheese",))]
+    hits = oracle.retrieve(questions, k=5)
+    # "Paris" occurs in Paris#0 and Seine#0 (title or text): both, the better BM25 match first
+    assert [h.passage_id for h in hits[0]] == ["Paris#0", "Seine#0"]
+    assert [h.passage_id for h in hits[1]] == ["Seine#0"]
+    assert [h.passage_id for h in hits[2]] == ["Louis XIV#0"]
+    # three passages say "France": the river passage matches the question best
+    assert hits[3][0].passage_id == "Rhine#0" and {h.passage_id for h in hits[3]} == {"Rhine#0", "Paris#0", "Louis XIV#0"}
+    assert hits[4] == []  # no passage holds the answer: no passage, never a wrong one
+    assert [len(h) for h in oracle.retrieve(questions, k=1)] == [1, 1, 1, 1, 0]
+    assert oracle.fingerprint() != bm25.fingerprint()

@@ -14,7 +14,8 @@ def eval_set_name(data_cfg, n: int) -> str:
     Rows are compared or paired only when these names agree; the seed is named only when it
     picked a subset (`n_eval` set)."""
     subset = f" seed={data_cfg.subset_seed}" if data_cfg.n_eval else ""
-    return f"{data_cfg.dataset}/{data_cfg.eval_split} n={n}{subset}"
+    lens = " answer-in-corpus" if getattr(data_cfg, "only_answer_in_corpus", False) else ""
+    return f"{data_cfg.dataset}/{data_cfg.eval_split} n={n}{subset}{lens}"
 
 
 def subset_questions(questions: Sequence[QAExample], n: int | None, seed: int = 0) -> list[QAExample]:

@@ -28,7 +28,14 @@ def build_generator(cfg, train: Sequence[QAExample] = (), seed: int = 0, model_p
     if cfg.kind not in loaders:
         raise ValueError(f"generator.kind {cfg.kind!r}: kinds are {', '.join([*loaders, 'extractive'])}")
     load, cls = loaders[cfg.kind]
-    model, tokenizer = load(name)
+    if cfg.backend == "ctranslate2":
+        from rag_lab.generators.ct2 import CT2DecoderGenerator, load_ct2_generator
+
+        path = models.resolve_model(name)
+        model, _ = load_ct2_generator(path, cfg.ct2_compute_type)  # the engine, converted once and cached
+        tokenizer, cls = models._load_tokenizer(str(path), padding_side="left"), CT2DecoderGenerator
+    else:
+        model, tokenizer = load(name)
     builder = PromptBuilder(tokenizer, cfg.closed_book_template, cfg.rag_template, cfg.system_prompt,
                             sample_demonstrations(train, cfg.n_few_shot, seed), cfg.use_chat_template, cfg.max_input_tokens)
     return cls(model, tokenizer, builder, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,

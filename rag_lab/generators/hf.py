@@ -42,7 +42,7 @@ class HFGenerator:
 
     def __init__(self, model, tokenizer, prompt_builder: PromptBuilder, max_new_tokens: int = 16,
                  batch_size: int = 16, strip_prefixes: Sequence[str] = ("the answer is", "answer:"), stop_at_newline: bool = True):
-        self.model, self.tokenizer, self.builder = model.eval(), tokenizer, prompt_builder
+        self.model, self.tokenizer, self.builder = None if model is None else model.eval(), tokenizer, prompt_builder
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.strip_prefixes, self.stop_at_newline = tuple(strip_prefixes), stop_at_newline
         self.stats = {"prompt_tokens": 0, "padded_tokens": 0}

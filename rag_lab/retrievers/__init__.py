@@ -4,6 +4,7 @@
     dense = DenseRetriever(passages, "all-minilm-l6-v2")  # FAISS over cached embeddings
     hybrid = HybridRetriever(bm25, dense)                # reciprocal-rank fusion
     hits = cached_retrieve(hybrid, questions, k=20)      # results cached per question set
+    oracle = OracleRetriever(passages, bm25)             # analysis only: passages that hold a gold answer
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from rag_lab.retrievers.bm25 import BM25Retriever
 from rag_lab.retrievers.cache import cached_retrieve
 from rag_lab.retrievers.dense import DenseRetriever, build_faiss_index
 from rag_lab.retrievers.hybrid import HybridRetriever, rrf_fuse, weighted_fuse
+from rag_lab.retrievers.oracle import OracleRetriever
 
 
 def build_retriever(cfg, passages: Sequence[Passage], cache_dir=None, show_progress: bool = True):
-    """A retriever from a `RetrieverConfig` (kind: bm25 | dense | hybrid)."""
+    """A retriever from a `RetrieverConfig` (kind: bm25 | dense | hybrid | oracle)."""
     def bm25():
         return BM25Retriever(passages, cfg.k1, cfg.b, cfg.stopwords, cfg.stemmer, cache_dir, show_progress)
 
@@ -30,11 +32,12 @@ def build_retriever(cfg, passages: Sequence[Passage], cache_dir=None, show_progr
         "bm25": bm25,
         "dense": dense,
         "hybrid": lambda: HybridRetriever(bm25(), dense(), cfg.fusion, cfg.rrf_k, cfg.dense_weight),
+        "oracle": lambda: OracleRetriever(passages, bm25()),
     }
     if cfg.kind not in builders:
         raise ValueError(f"retriever.kind {cfg.kind!r} builds no retriever; kinds: {', '.join(builders)}")
     return builders[cfg.kind]()
 
 
-__all__ = ["Hit", "Retriever", "BM25Retriever", "DenseRetriever", "HybridRetriever", "build_retriever",
+__all__ = ["Hit", "Retriever", "BM25Retriever", "DenseRetriever", "HybridRetriever", "OracleRetriever", "build_retriever",
            "build_faiss_index", "cached_retrieve", "passage_text", "rrf_fuse", "weighted_fuse"]

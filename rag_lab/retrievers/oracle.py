@@ -1,0 +1,43 @@
+"""The oracle passage: an upper bound for analysis, not a system.
+
+For each question it returns corpus passages that contain a gold answer (DPR has-answer
+semantics, the same test as `answer_in_passages`), best BM25 match to the question first.
+A reader given this passage and still wrong is a reader miss; so "retrieval missed" and
+"reader failed" separate in one number. It reads the gold answers: never use it as a retriever.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from rag_lab.data.records import Passage, QAExample
+from rag_lab.metrics import gold_spans, has_answer_normalized, padded_normalized
+from rag_lab.retrievers.base import Hit, check_k, check_questions, passage_text, stable_hash
+from rag_lab.retrievers.bm25 import BM25Retriever
+
+
+class OracleRetriever:
+    """Answer-bearing passages ranked by BM25; a question with none gets no passage."""
+
+    def __init__(self, passages: Sequence[Passage], ranker: BM25Retriever):
+        self.passages, self.ranker = list(passages), ranker
+        self._texts = [padded_normalized(passage_text(p)) for p in self.passages]
+
+    def fingerprint(self) -> str:
+        return stable_hash({"kind": "oracle", "ranker": self.ranker.fingerprint()})
+
+    def retrieve(self, questions: Sequence[QAExample], k: int) -> list[list[Hit]]:
+        k = check_k(k)
+        tokens = self.ranker.tokenize(check_questions(questions))
+        out = []
+        for q, query in zip(questions, tokens):
+            golds = gold_spans(q.answers)
+            bearing = np.array([i for i, t in enumerate(self._texts) if has_answer_normalized(golds, t)], dtype=np.int64)
+            if not len(bearing):
+                out.append([])
+                continue
+            scores = self.ranker.index.get_scores(query)[bearing] if query else np.zeros(len(bearing))
+            order = np.lexsort((bearing, -scores))[:k]  # best score first, ties in corpus order
+            out.append([Hit(self.passages[bearing[j]].id, float(scores[j]), r) for r, j in enumerate(order, start=1)])
+        return out
