@@ -35,7 +35,7 @@ models: venv
 reproduce: venv models
 	$(PY) -m rag_lab.cli reproduce --profile $(PROFILE)
 
-test: venv
+test: venv models
 	$(PY) -m pytest -q tests
 
 data: venv

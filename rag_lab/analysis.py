@@ -110,15 +110,18 @@ def error_attribution(rag_predictions: Sequence[dict], closed_book: Sequence[dic
     return out
 
 
-def attribution_table(table: pd.DataFrame, predictions: dict[str, list[dict]], closed_book: str | None = None,
+def attribution_table(table: pd.DataFrame, predictions: dict[str, list[dict]], closed_book: str | dict[str, str] | None = None,
                       metric: str = "match") -> pd.DataFrame:
-    """error_attribution for every row that used retrieval."""
+    """error_attribution for every row that used retrieval; `closed_book` names the closed-book row
+    to compare with, one for all or one per generator ({generator: experiment})."""
     rows = []
-    cb = predictions.get(closed_book) if closed_book else None
     for row in table.itertuples():
         preds = predictions[row.experiment]
+        base = closed_book.get(row.generator) if isinstance(closed_book, dict) else closed_book
+        cb = predictions.get(base) if base else None
         if preds and preds[0]["answer_in_passages"] is not None:
-            rows.append({"experiment": row.experiment, "regime": row.regime, **error_attribution(preds, cb, metric)})
+            rows.append({"experiment": row.experiment, "regime": row.regime, "closed-book row": base if cb else "",
+                         **error_attribution(preds, cb, metric)})
     return pd.DataFrame(rows)
 
 
@@ -135,12 +138,122 @@ def disagreements(a: Sequence[dict], b: Sequence[dict], metric: str = "match", n
     return pd.DataFrame(rows)
 
 
+HEADLINE = ("qwen_closed_book", "qwen_rag")  # RAG against closed-book, with the strongest packaged reader
+
+
 def adjacent_pairs(experiments: Sequence[str]) -> list[tuple[str, str]]:
-    """The comparisons the table is about, among the experiments present."""
-    wanted = [("closed_book_zero_shot", "finetune_closed_book"), ("closed_book_zero_shot", "rag_zero_shot_bm25"),
-              ("closed_book_zero_shot", "rag_zero_shot_dense"), ("closed_book_zero_shot", "rag_zero_shot_hybrid"),
-              ("rag_zero_shot_bm25", "rag_zero_shot_hybrid"), ("rag_zero_shot_dense", "rag_zero_shot_hybrid"),
-              ("rag_zero_shot_dense", "finetune_rag"), ("finetune_closed_book", "finetune_rag"),
-              ("finetune_rag", "reader_extractive")]
+    """The comparisons the table is about, among the experiments present: block 1 (one backbone,
+    four regimes), block 2 (the strongest reader), and the same RAG setting across backbones."""
+    wanted = [("closed_book_zero_shot", "finetune_closed_book"), ("closed_book_zero_shot", "rag_zero_shot"),
+              ("rag_zero_shot", "finetune_rag"), ("finetune_closed_book", "finetune_rag"),
+              ("finetune_rag", "reader_extractive"), HEADLINE, ("rag_zero_shot", "qwen_rag"),
+              ("closed_book_zero_shot", "qwen_closed_book"),
+              # extended profile: the other retrievers
+              ("closed_book_zero_shot", "rag_zero_shot_bm25"), ("closed_book_zero_shot", "rag_zero_shot_dense"),
+              ("closed_book_zero_shot", "rag_zero_shot_hybrid"), ("qwen_rag", "qwen_rag_bm25"), ("qwen_rag", "qwen_rag_hybrid")]
     present = set(experiments)
     return [(a, b) for a, b in wanted if a in present and b in present]
+
+
+def headline_test(predictions: dict[str, list[dict]], pair: tuple[str, str] = HEADLINE, metric: str = "em",
+                  alpha: float = 0.05, seed: int = 0) -> pd.DataFrame:
+    """The headline pair on every question and on the answer-in-corpus lens: means, the paired
+    difference with its bootstrap CI, the exact McNemar p, and the test's power at this n for the
+    discordance observed (with the n that 80% power would need). Power from observed rates is a
+    post-hoc planning figure: it says how often a study of this size would separate an effect
+    of this size, not whether this one is real."""
+    from rag_lab.metrics import mcnemar_exact, mcnemar_power, n_for_power, paired_bootstrap_test
+
+    base, system = pair
+    rows = []
+    for lens, keep in (("all questions", lambda r: True), ("answer in corpus", lambda r: bool(r.get("answer_in_corpus")))):
+        a_rows = [r for r in predictions[base] if keep(r)]
+        b_rows = [r for r in predictions[system] if keep(r)]
+        a, b = _aligned(a_rows, b_rows, metric)
+        n, test, mc = len(a), paired_bootstrap_test(b, a, seed=seed), mcnemar_exact(b, a)
+        p01, p10 = mc["b01"] / n, mc["b10"] / n  # system right & baseline wrong, and the reverse
+        rows.append({"lens": lens, "baseline": base, "system": system, "metric": metric, "n": n,
+                     "baseline_mean": a.mean(), "system_mean": b.mean(), "diff": test["diff"],
+                     "diff_low": test["ci_low"], "diff_high": test["ci_high"], "system only right": mc["b01"],
+                     "baseline only right": mc["b10"], "p_mcnemar": mc["p_value"], "p_bootstrap": test["p_value"],
+                     "power at n": mcnemar_power(p01, p10, n, alpha), "n for 80% power": n_for_power(p01, p10, 0.8, alpha)})
+    return pd.DataFrame(rows)
+
+
+def oracle_comparison(predictions: dict[str, list[dict]], oracle: str, systems: Sequence[str], metric: str = "em") -> pd.DataFrame:
+    """The oracle row against other rows on the oracle's questions (those with an answer in the corpus):
+    retrieval's share of the gap is system -> oracle, the reader's is oracle -> 1."""
+    ids = {r["id"] for r in predictions[oracle]}
+    rows = [{"experiment": oracle, "n": len(ids), metric: sum(float(r[metric]) for r in predictions[oracle]) / len(ids)}]
+    for name in systems:
+        if name in predictions:
+            kept = [r for r in predictions[name] if r["id"] in ids]
+            rows.append({"experiment": name, "n": len(kept), metric: sum(float(r[metric]) for r in kept) / max(len(kept), 1)})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- the README's "What the table says"
+
+def _verdict(p: float, alpha: float = 0.05) -> str:
+    return "separates" if p < alpha else "does not separate"
+
+
+def findings(tests: pd.DataFrame, headline: pd.DataFrame | None, oracle: pd.DataFrame | None = None,
+             metric: str = "em", alpha: float = 0.05) -> list[str]:
+    """Sentences generated from the paired tests (never typed by hand): what separates at `alpha`
+    and what does not, whatever the numbers are."""
+    out = []
+    if headline is not None and len(headline):
+        for _, r in headline[headline["metric"] == metric].iterrows():
+            need = r["n for 80% power"]
+            out.append(f"**Headline ({r['lens']}, n = {r['n']})**: {r['system']} {metric.upper()} {r['system_mean']:.3f} vs "
+                       f"{r['baseline']} {r['baseline_mean']:.3f}, difference {r['diff']:+.3f} [{r['diff_low']:+.3f}, "
+                       f"{r['diff_high']:+.3f}]; {r['system only right']} questions right only with RAG, "
+                       f"{r['baseline only right']} only closed-book; exact McNemar p = {r['p_mcnemar']:.2g}: the test "
+                       f"{_verdict(r['p_mcnemar'], alpha)} the two at α = {alpha}. Its power at this n for the discordance "
+                       f"observed is {r['power at n']:.2f}" + (f" (80% would need n ≈ {int(need)})" if pd.notna(need) else "") + ".")
+    for r in tests[tests["metric"] == metric].itertuples():
+        out.append(f"{r.baseline} → {r.system}: {metric.upper()} {r.baseline_mean:.3f} → {r.system_mean:.3f} "
+                   f"({r.diff:+.3f} [{r.diff_low:+.3f}, {r.diff_high:+.3f}], McNemar p = {r.p_mcnemar:.2g}): "
+                   f"{_verdict(r.p_mcnemar, alpha)} at α = {alpha} (n = {r.n}).")
+    if oracle is not None and len(oracle):
+        for r in oracle.itertuples():
+            out.append(f"Oracle passage, {r.reader}: given one passage that holds a gold answer, {metric.upper()} "
+                       f"{r.oracle:.3f} on the {r.n} answer-in-corpus questions, against {r.rag:.3f} with retrieval and "
+                       f"{r.closed_book:.3f} closed-book on the same questions: better retrieval could add up to "
+                       f"{r.oracle - r.rag:+.3f}; the reader still misses {1 - r.oracle:.3f} with the answer in front of it.")
+    return out
+
+
+def oracle_summary(table: pd.DataFrame, predictions: dict[str, list[dict]], oracle_rows: pd.DataFrame,
+                   rag: dict[str, str], closed_book: dict[str, str], profile: str = "default", metric: str = "em") -> pd.DataFrame:
+    """Per reader: its oracle row against its RAG and closed-book rows on the oracle's questions."""
+    rows = []
+    for row in oracle_rows.itertuples():
+        preds = {row.experiment: load_predictions(row.run, profile), **predictions}
+        names = [n for n in (rag.get(row.generator), closed_book.get(row.generator)) if n in preds]
+        if len(names) < 2:
+            continue
+        comp = oracle_comparison(preds, row.experiment, names, metric).set_index("experiment")[metric]
+        rows.append({"reader": row.generator, "n": int(row.n), "oracle": comp[row.experiment],
+                     "rag": comp[names[0]], "closed_book": comp[names[1]]})
+    return pd.DataFrame(rows)
+
+
+def write_findings(lines: list[str], headline: pd.DataFrame | None, profile: str = "default") -> None:
+    """results/findings.md (the README's "What the table says") and results/headline.{csv,md}."""
+    from rag_lab.io import atomic_write_text
+    from rag_lab.paths import profile_results_dir
+    from rag_lab.results import to_markdown
+
+    folder = profile_results_dir(profile)
+    atomic_write_text(folder / "findings.md", "# What the table says\n\nGenerated by notebook 06 from the paired "
+                      "tests (α = 0.05), never typed by hand.\n\n" + "".join(f"- {line}\n" for line in lines))
+    if headline is not None:
+        atomic_write_text(folder / "headline.csv", headline.to_csv(index=False))
+        cols = ["lens", "metric", "n", "baseline_mean", "system_mean", "diff", "diff_low", "diff_high",
+                "system only right", "baseline only right", "p_mcnemar", "p_bootstrap", "power at n", "n for 80% power"]
+        shown = headline[cols].round(4).astype(object)
+        shown["n for 80% power"] = [int(v) if pd.notna(v) else "not reached" for v in headline["n for 80% power"]]
+        atomic_write_text(folder / "headline.md", "# The headline pair: qwen_rag vs qwen_closed_book\n\n"
+                          + to_markdown(shown) + "\n")

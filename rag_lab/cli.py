@@ -21,8 +21,12 @@ def _reproduce(args: argparse.Namespace) -> None:
     from rag_lab.data import build_nq_mini
     from rag_lab.paths import data_dir
 
+    from rag_lab.timings import timed
+
     out = data_dir() / "nq_mini"
-    build_nq_mini.print_summary(build_nq_mini.ensure(out), out)
+    with timed("data nq-mini", args.profile, note="build or validate data/nq_mini against its sha256 manifest"):
+        manifest = build_nq_mini.ensure(out)
+    build_nq_mini.print_summary(manifest, out)
     from rag_lab.notebooks import run_notebooks
 
     run_notebooks(profile=args.profile)

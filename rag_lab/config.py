@@ -48,10 +48,12 @@ class DataConfig:
     n_train: int | None = _help("train on a seeded random subset of this many questions (None: all)", None)
     n_corpus: int | None = _help("keep only the first N passages plus every passage holding an eval answer (smoke)", None)
     subset_seed: int = _help("seed for the eval/train subsets", 0)
+    window_words: int | None = _help("split every passage into sentence windows of at most this many words (None: the "
+                                     "corpus's passages as they are)", None)
     only_answer_in_corpus: bool = _help("evaluate only the questions whose gold answer occurs in the corpus (after n_eval)", False)
 
     def __post_init__(self):
-        for key in ("n_eval", "n_train", "n_corpus"):
+        for key in ("n_eval", "n_train", "n_corpus", "window_words"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"data.{key} must be positive or null, got {value}")
@@ -99,6 +101,8 @@ class GeneratorConfig:
     max_new_tokens: int = _help("greedy decoding budget", 16)
     batch_size: int = _help("questions per generation batch", 16)
     max_input_tokens: int = _help("prompt budget; passages are cut to fit, never the question", 1024)
+    max_context_tokens: int | None = _help("budget for the passages alone, in the reader's tokens: as many of the top-k "
+                                           "as fit, the last one cut (None: whatever max_input_tokens leaves)", None)
     use_chat_template: bool = _help("wrap prompts in the tokenizer's chat template when it has one", True)
     system_prompt: str = _help("system message (chat mode)", "Answer the question with a short phrase of a few words, no full sentence.")
     closed_book_template: str = _help("prompt for closed-book mode; must contain {question}", "Question: {question}\nAnswer:")
@@ -113,8 +117,8 @@ class GeneratorConfig:
             raise ConfigError("generator.closed_book_template must contain {question}")
         if "{question}" not in self.rag_template or "{context}" not in self.rag_template:
             raise ConfigError("generator.rag_template must contain {context} and {question}")
-        for key in ("max_new_tokens", "batch_size", "max_input_tokens"):
-            if getattr(self, key) <= 0:
+        for key in ("max_new_tokens", "batch_size", "max_input_tokens", "max_context_tokens"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"generator.{key} must be positive, got {getattr(self, key)}")
         if self.n_few_shot < 0:
             raise ConfigError(f"generator.n_few_shot must be >= 0, got {self.n_few_shot}")
@@ -169,6 +173,7 @@ class ExperimentConfig:
     regime: Literal["closed_book", "rag", "closed_book_ft", "rag_ft", "reader", "oracle"] = _help(
         "which row of the comparison; oracle = the reader given a passage that holds the answer (an upper bound)", "closed_book")
     description: str = _help("one line on what this experiment tests", "")
+    block: str = _help("the main table's block this row belongs to (rows sort by block, then regime)", "")
     seed: int = _help("global seed (sampling of demonstrations, training)", 0)
     data: DataConfig = _help("data", factory=DataConfig)
     retriever: RetrieverConfig = _help("retriever", factory=RetrieverConfig)
@@ -207,6 +212,26 @@ class RetrieverTrainingConfig:
 
 
 @dataclass
+class BudgetStudyConfig:
+    """Answer recall per prompt token (notebook 01): which retriever and passage size to give the reader."""
+
+    enabled: bool = _help("run the study", True)
+    n_dev: int = _help("dev questions, a seeded subset of the train split (never the eval split)", 300)
+    reader: str = _help("the reader whose tokenizer and prompt format count the tokens", "qwen2.5-coder-0.5b-instruct")
+    budgets: list[int] = _help("context budgets, in reader tokens", factory=lambda: [64, 128, 192, 256, 384, 512])
+    window_words: list[int] = _help("sentence-window sizes compared with the corpus's own passages (leads)", factory=lambda: [40])
+    retrievers: list[str] = _help("names from `retrievers` to compare", factory=lambda: ["bm25", "dense", "hybrid"])
+    depth: int = _help("passages retrieved per question before packing", 20)
+    choose_at: int = _help("the budget the default RAG rows use; the best setting at it is reported", 192)
+
+    def __post_init__(self):
+        if self.choose_at not in self.budgets:
+            raise ConfigError(f"budget.choose_at ({self.choose_at}) must be one of budget.budgets {self.budgets}")
+        if self.n_dev <= 0 or self.depth <= 0 or min(self.budgets, default=0) <= 0:
+            raise ConfigError("budget.n_dev, budget.depth and every budget must be positive")
+
+
+@dataclass
 class RetrievalStudyConfig:
     """The retriever comparison of notebook 01: answer recall@k of several retrievers."""
 
@@ -216,10 +241,14 @@ class RetrievalStudyConfig:
     ks: list[int] = _help("recall@k cut-offs reported in the table", factory=lambda: [1, 5, 10, 20, 100])
     depth: int = _help("passages retrieved per question (>= max ks)", 100)
     train_retriever: RetrieverTrainingConfig = _help("fine-tuning of the dense retriever", factory=RetrieverTrainingConfig)
+    budget: BudgetStudyConfig = _help("answer recall per prompt token, on a dev split", factory=BudgetStudyConfig)
 
     def __post_init__(self):
         if not self.ks or min(self.ks) <= 0 or max(self.ks) > self.depth:
             raise ConfigError(f"ks must be positive and <= depth ({self.depth}), got {self.ks}")
+        unknown = [r for r in self.budget.retrievers if r not in self.retrievers]
+        if self.budget.enabled and unknown:
+            raise ConfigError(f"budget.retrievers {unknown} are not among retrievers: {', '.join(self.retrievers)}")
 
 
 # ---------------------------------------------------------------- loading

@@ -247,6 +247,41 @@ def mcnemar_exact(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarr
     return {"b01": b01, "b10": b10, "p_value": min(1.0, 2 * tail / 2**n)}  # int / int is exact-rounded
 
 
+def mcnemar_power(p01: float, p10: float, n: int, alpha: float = 0.05) -> float:
+    """Power of the exact two-sided McNemar test at level `alpha` on n paired questions, when a
+    question is discordant one way with probability p01 and the other way with p10.
+
+    Exact: the number of discordant pairs D ~ Binomial(n, p01 + p10), and given D the split
+    b01 ~ Binomial(D, p01 / (p01 + p10)); power = P(mcnemar p-value <= alpha), summed over both."""
+    pd_ = p01 + p10
+    if n <= 0 or pd_ <= 0 or not 0 <= p01 <= 1 or not 0 <= p10 <= 1 or pd_ > 1:
+        return 0.0
+    from scipy.stats import binom
+
+    power, share = 0.0, p01 / pd_
+    d_weights = binom.pmf(np.arange(n + 1), n, pd_)
+    for d in range(1, n + 1):
+        if d_weights[d] < 1e-12:
+            continue
+        tails = np.minimum(1.0, 2 * binom.cdf(np.minimum(np.arange(d + 1), d - np.arange(d + 1)), d, 0.5))
+        power += d_weights[d] * binom.pmf(np.arange(d + 1), d, share)[tails <= alpha].sum()
+    return float(power)
+
+
+def n_for_power(p01: float, p10: float, power: float = 0.8, alpha: float = 0.05, n_max: int = 100_000) -> int | None:
+    """The smallest n (searched on a doubling grid, then bisected) at which `mcnemar_power` reaches
+    `power`; None if even n_max does not (no effect: p01 == p10)."""
+    if p01 == p10 or mcnemar_power(p01, p10, n_max, alpha) < power:
+        return None
+    low, high = 1, 16
+    while mcnemar_power(p01, p10, high, alpha) < power:
+        low, high = high, high * 2
+    while high - low > max(1, low // 50):  # 2% resolution is plenty for planning
+        mid = (low + high) // 2
+        low, high = (mid, high) if mcnemar_power(p01, p10, mid, alpha) < power else (low, mid)
+    return high
+
+
 def summarize(values: Sequence[float] | np.ndarray, seed: int = 0) -> dict[str, float]:
     """{"mean", "ci_low", "ci_high", "n"} with a 95% bootstrap CI (1000 resamples)."""
     mean, low, high = bootstrap_ci(values, seed=seed)

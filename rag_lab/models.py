@@ -612,7 +612,7 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
 
     path = str(resolve_model(name_or_path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=True)
-    tokenizer = _load_tokenizer(path, padding_side="left")
+    tokenizer = load_tokenizer(path, padding_side="left")
     return _finish(model, tokenizer)
 
 
@@ -626,7 +626,7 @@ def load_seq2seq_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
 
     path = str(resolve_model(name_or_path))
     model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=True)
-    tokenizer = _load_tokenizer(path, padding_side="right")
+    tokenizer = load_tokenizer(path, padding_side="right")
     return _finish(model, tokenizer)
 
 
@@ -638,7 +638,7 @@ def load_sentence_encoder(name_or_path: str, device: str | None = None):
     return SentenceTransformer(path, device=device, trust_remote_code=False, model_kwargs={"use_safetensors": True})
 
 
-def _load_tokenizer(path: str, padding_side: str):
+def load_tokenizer(path: str, padding_side: str):
     """A tokenizer with a pad token (eos if it has none): batching needs one."""
     from transformers import AutoTokenizer
 

@@ -30,6 +30,28 @@ def recall_curves(evals: dict, ks: Sequence[int] | None = None, subset: bool = F
     return fig
 
 
+def recall_at_budget(curves, choose_at: int | None = None, title: str = ""):
+    """Answer recall against the context budget (reader tokens), one line per (retriever,
+    granularity), 95% CI bands; a dotted line at the budget the default rows use."""
+    from rag_lab.budget import curves_table
+
+    table = curves_table(curves)
+    fig, ax = plt.subplots(figsize=(6.8, 4.3))
+    for setting, g in table.groupby("setting", sort=False):
+        style = "-" if "leads" in setting else "--"
+        ax.plot(g["budget"], g["recall"], style, marker="o", ms=3, label=setting)
+        ax.fill_between(g["budget"], g["recall_low"], g["recall_high"], alpha=0.12)
+    if choose_at:
+        ax.axvline(choose_at, color="grey", ls=":", lw=1)
+    ax.set_xlabel("context budget (reader tokens)")
+    ax.set_ylabel("answer recall in the context")
+    ax.set_title(title or f"Answer recall per prompt token (n={int(table['n'].iloc[0])} dev questions)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Save atomically as PNG (the README and notebooks link these files)."""
     import io

@@ -13,12 +13,16 @@ from pathlib import Path
 from rag_lab.io import atomic_write_text
 from rag_lab.paths import REPO_ROOT, results_dir
 
-BLOCKS = {"main-table": "main_table.md", "retrieval-table": "retrieval.md"}
+BLOCKS = {"main-table": "main_table.md", "headline-table": "headline.md", "findings": "findings.md",
+          "retrieval-table": "retrieval.md", "recall-budget-table": "recall_budget.md", "timings-table": "timings.md"}
 
 
 def table_part(markdown: str) -> str:
-    """The Markdown table of a results .md file (its lines starting with '|')."""
-    return "\n".join(line for line in markdown.splitlines() if line.startswith("|")) + "\n"
+    """The Markdown table of a results .md file (its lines starting with '|'), or its list (lines
+    starting with '- ') for the generated findings."""
+    lines = markdown.splitlines()
+    keep = [line for line in lines if line.startswith("|")] or [line for line in lines if line.startswith("- ")]
+    return "\n".join(keep) + "\n"
 
 
 def render_blocks(readme: str, results: Path) -> str:

@@ -108,11 +108,11 @@ class StudyResult:
 
 
 def load_study_data(data_cfg) -> tuple[list[QAExample], list[Passage]]:
-    from rag_lab.data import load_corpus, load_qa
-    from rag_lab.data.subsets import subset_corpus, subset_questions
+    from rag_lab.data import load_qa
+    from rag_lab.data.subsets import corpus_for, subset_questions
 
     questions = subset_questions(load_qa(data_cfg.dataset, data_cfg.eval_split), data_cfg.n_eval, data_cfg.subset_seed)
-    passages = subset_corpus(load_corpus(data_cfg.corpus), questions, data_cfg.n_corpus, data_cfg.subset_seed)
+    passages = corpus_for(data_cfg, questions)
     return questions, passages
 
 
@@ -122,9 +122,11 @@ def run_retrieval_study(cfg, profile: str = "default", cache_dir: Path | None = 
     import dataclasses
     import time
 
+    from rag_lab.data.subsets import corpus_label
     from rag_lab.paths import profile_results_dir, repo_path
     from rag_lab.results import upsert_rows
     from rag_lab.retrievers import build_retriever, cached_retrieve
+    from rag_lab.timings import record_index_builds
 
     questions, passages = load_study_data(cfg.data)
     checker, eval_set = PassageAnswerChecker(passages), eval_set_name(cfg.data, len(questions))
@@ -135,6 +137,7 @@ def run_retrieval_study(cfg, profile: str = "default", cache_dir: Path | None = 
             ensure_trained_retriever(cfg, passages, cache_dir, show_progress)
         rcfg = dataclasses.replace(rcfg, encoder=repo_path(rcfg.encoder))
         retriever = build_retriever(rcfg, passages, cache_dir=cache_dir, show_progress=show_progress)
+        record_index_builds(retriever, corpus_label(cfg.data), profile)
         hits[name] = cached_retrieve(retriever, questions, cfg.depth, cache_dir)
         evals[name] = evaluate_hits(name, eval_set, questions, hits[name], checker)
         timings[name] = time.perf_counter() - t0
@@ -221,4 +224,96 @@ def format_example(example: dict, width: int = 220) -> str:
         mark = "✔" if p["has_answer"] else "✘"
         text = p["text"] if len(p["text"]) <= width else p["text"][:width] + "…"
         lines.append(f"   {mark} #{p['rank']} ({p['score']}) {p['title']}: {text}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- recall per prompt token (notebook 01)
+
+@dataclass
+class BudgetStudy:
+    curves: list  # budget.BudgetCurve, one per (retriever, granularity)
+    table: pd.DataFrame  # results/recall_budget.csv
+    best: object  # the BudgetCurve with the highest recall at `choose_at`
+    ranking: pd.DataFrame  # every setting at `choose_at`, paired McNemar p against the best
+    eval_set: str
+    timings: dict[str, float]
+    choose_at: int = 0
+
+
+def run_budget_study(cfg, profile: str = "default", cache_dir: Path | None = None, show_progress: bool = True) -> BudgetStudy:
+    """Recall at each context budget for every (retriever, passage granularity) of `cfg.budget`, on
+    dev questions from the train split; results/recall_budget.{csv,md}."""
+    import dataclasses
+    import time
+
+    from rag_lab.budget import budget_curve, choose_setting, curves_table
+    from rag_lab.config import GeneratorConfig
+    from rag_lab.data import load_qa
+    from rag_lab.data.subsets import corpus_for, corpus_label, subset_questions
+    from rag_lab.generators import prompt_builder
+    from rag_lab.models import load_tokenizer, resolve_model
+    from rag_lab.paths import profile_results_dir, repo_path
+    from rag_lab.results import upsert_rows
+    from rag_lab.retrievers import build_retriever, cached_retrieve
+    from rag_lab.timings import record_index_builds
+
+    b = cfg.budget
+    dev_data = dataclasses.replace(cfg.data, eval_split=cfg.data.train_split, n_eval=b.n_dev)
+    questions = subset_questions(load_qa(dev_data.dataset, dev_data.eval_split), b.n_dev, dev_data.subset_seed)
+    eval_set = eval_set_name(dev_data, len(questions)) + " (dev: train split)"
+    builder = prompt_builder(GeneratorConfig(model=b.reader), load_tokenizer(str(resolve_model(b.reader)), padding_side="left"))
+    curves, timings = [], {}
+    for words in [None, *b.window_words]:
+        data = dataclasses.replace(cfg.data, window_words=words)
+        passages = corpus_for(data, questions)
+        granularity = "leads" if words is None else f"windows<={words}w"
+        for name in b.retrievers:
+            t0 = time.perf_counter()
+            rcfg = dataclasses.replace(cfg.retrievers[name], encoder=repo_path(cfg.retrievers[name].encoder))
+            retriever = build_retriever(rcfg, passages, cache_dir=cache_dir, show_progress=show_progress)
+            record_index_builds(retriever, corpus_label(data), profile)
+            hits = cached_retrieve(retriever, questions, b.depth, cache_dir)
+            curves.append(budget_curve(name, granularity, questions, hits, passages, builder, b.budgets))
+            timings[f"{name}, {granularity}"] = time.perf_counter() - t0
+    rows = curves_table(curves).assign(eval_set=eval_set, reader=b.reader)
+    table = upsert_rows(profile_results_dir(profile) / "recall_budget.csv", rows.to_dict("records"),
+                        key=("setting", "budget", "eval_set"), title="Answer recall at a context budget (reader tokens)",
+                        note=("Produced by `rag-lab retrieval experiments/retrieval.yaml` (notebook 01) on dev questions from "
+                              "the train split. recall = a gold answer occurs in the passages packed, best-ranked first, into "
+                              "`budget` tokens of the reader's prompt (the last passage cut to fit); 95% bootstrap CIs."),
+                        render=display_budget_table)
+    best, ranking = choose_setting(curves, b.choose_at)
+    return BudgetStudy(curves, table, best, ranking, eval_set, timings, b.choose_at)
+
+
+def display_budget_table(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting, one 'mean [low, high]' column per budget."""
+    from rag_lab.metrics import format_ci
+
+    out = {}
+    for (setting, eval_set), group in table.groupby(["setting", "eval_set"], sort=False):
+        row = {"setting": setting, "eval_set": eval_set, "n": int(group["n"].iloc[0])}
+        for r in group.sort_values("budget").itertuples():
+            row[f"{int(r.budget)} tokens"] = format_ci(r.recall, r.recall_low, r.recall_high)
+        out[setting, eval_set] = row
+    return pd.DataFrame(list(out.values()))
+
+
+RAG_ROWS = ("rag_zero_shot", "finetune_rag", "qwen_rag")  # the main table's RAG rows that follow the budget study
+
+
+def check_rag_rows_follow(study: BudgetStudy, experiments: Path, profile: str = "default") -> str:
+    """Whether the main table's RAG rows use the setting the budget study found best (a message; a
+    tiny smoke profile may disagree, and the committed default rows say why they use theirs)."""
+    from rag_lab.config import load_experiment
+
+    best, lines = study.best, []
+    for name in RAG_ROWS:
+        cfg = load_experiment(experiments / f"{name}.yaml", profile)
+        granularity = f"windows<={cfg.data.window_words}w" if cfg.data.window_words else "leads"
+        used = f"{cfg.retriever.kind}, {granularity}"
+        same_budget = cfg.generator.max_context_tokens == study.choose_at
+        verdict = ("the best setting measured here" if used == best.setting and same_budget else
+                   f"differs from the best measured here ({best.setting}, {study.choose_at} context tokens)")
+        lines.append(f"{name}: {used}, {cfg.generator.max_context_tokens} context tokens — {verdict}")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ from rag_lab.data.records import Passage, QAExample
 from rag_lab.data.subsets import eval_set_name
 from rag_lab.io import read_jsonl, write_json, write_jsonl
 from rag_lab.metrics import bootstrap_ci, gold_spans, has_answer_normalized, padded_normalized, score_predictions
-from rag_lab.paths import REPO_ROOT, profile_results_dir
+from rag_lab.paths import REPO_ROOT, profile_results_dir, repo_path
 from rag_lab.retrievers.base import Hit, passage_text, stable_hash
 
 MAIN_TABLE_KEY = ("experiment", "eval_set")
@@ -49,8 +49,8 @@ def cache_root() -> Path:
 
 def load_run_data(cfg: ExperimentConfig) -> tuple[list[QAExample], list[QAExample], list[Passage]]:
     """(eval questions, train questions, passages); passages only when a retriever is configured."""
-    from rag_lab.data import load_corpus, load_qa
-    from rag_lab.data.subsets import subset_corpus, subset_questions
+    from rag_lab.data import load_qa
+    from rag_lab.data.subsets import corpus_for, subset_questions
 
     d = cfg.data
     questions = subset_questions(load_qa(d.dataset, d.eval_split), d.n_eval, d.subset_seed)
@@ -63,20 +63,23 @@ def load_run_data(cfg: ExperimentConfig) -> tuple[list[QAExample], list[QAExampl
         questions = [q for q in questions if q.answer_in_corpus]
     needs_train = cfg.generator.n_few_shot > 0 or cfg.training.enabled
     train = load_qa(d.dataset, d.train_split) if needs_train else []
-    passages = subset_corpus(load_corpus(d.corpus), questions, d.n_corpus, d.subset_seed) if cfg.retriever.kind != "none" else []
+    passages = corpus_for(d, questions) if cfg.retriever.kind != "none" else []
     return questions, train, passages
 
 
 # ---------------------------------------------------------------- stage 1: retrieve
 
-def retrieve_stage(cfg: ExperimentConfig, questions, passages, show_progress: bool) -> list[list[Hit]] | None:
+def retrieve_stage(cfg: ExperimentConfig, questions, passages, show_progress: bool, profile: str = "default") -> list[list[Hit]] | None:
     if cfg.retriever.kind == "none":
         return None
+    from rag_lab.data.subsets import corpus_label
     from rag_lab.paths import repo_path
     from rag_lab.retrievers import build_retriever, cached_retrieve
+    from rag_lab.timings import record_index_builds
 
     rcfg = dataclasses.replace(cfg.retriever, encoder=repo_path(cfg.retriever.encoder))
     retriever = build_retriever(rcfg, passages, show_progress=show_progress)
+    record_index_builds(retriever, corpus_label(cfg.data), profile)
     return cached_retrieve(retriever, questions, cfg.retriever.k)
 
 
@@ -91,11 +94,11 @@ def generation_key(cfg: ExperimentConfig, model_id: str, questions, hits) -> str
     })
 
 
-def generate_stage(cfg, questions, train, passages, hits, model_path: str, show_progress: bool) -> tuple[list[dict], str, float | None]:
-    """Predictions in question order, the cache key, and the seconds generating them took when they
-    were computed (None if a cache predates that record). Finished batches are appended to
-    `partial.jsonl` as they complete, so a killed run restarts where it stopped; the batch plan
-    is deterministic."""
+def generate_stage(cfg, questions, train, passages, hits, model_path: str, show_progress: bool) -> tuple[list[dict], str, dict]:
+    """Predictions in question order, the cache key, and what computing them took: {"generate_s"
+    (None if a cache predates that record), "prompt_tokens", "new_tokens", "n_params", "precision"}
+    for timings.csv. Finished batches are appended to `partial.jsonl` as they complete, so a killed
+    run restarts where it stopped; the batch plan is deterministic."""
     from rag_lab.generators import build_generator
     from rag_lab.models import model_fingerprint, resolve_model
     from rag_lab.pipeline import contexts_from_hits
@@ -104,8 +107,8 @@ def generate_stage(cfg, questions, train, passages, hits, model_path: str, show_
     stage = cache_root() / f"generate-{key[:20]}"
     done_path, partial_path, timing_path = stage / "predictions.jsonl", stage / "partial.jsonl", stage / "timing.json"
     if done_path.exists():
-        seconds = json.loads(timing_path.read_text(encoding="utf-8"))["generate_s"] if timing_path.exists() else None
-        return [row for _, row in read_jsonl(done_path)], key, seconds
+        cost = json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.exists() else {"generate_s": None}
+        return [row for _, row in read_jsonl(done_path)], key, cost
     generator = build_generator(cfg.generator, train, seed=cfg.seed, model_path=model_path)
     contexts = None if hits is None else contexts_from_hits(hits, passages)
     t0 = time.perf_counter()
@@ -114,10 +117,26 @@ def generate_stage(cfg, questions, train, passages, hits, model_path: str, show_
         seconds = time.perf_counter() - t0
     else:  # seconds of generation, summed over resumed sessions (loading the model is not counted)
         preds, seconds = _generate_resumable(generator, questions, contexts, partial_path, show_progress)
-    write_json(timing_path, {"generate_s": None if seconds is None else round(seconds, 2)})
+    cost = {"generate_s": None if seconds is None else round(seconds, 2), **generation_cost(cfg, generator, preds, model_path)}
+    write_json(timing_path, cost)
     write_jsonl(done_path, preds)
     partial_path.unlink(missing_ok=True)
-    return preds, key, seconds
+    return preds, key, cost
+
+
+def generation_cost(cfg, generator, preds: list[dict], model_path: str) -> dict:
+    """Tokens read and written, the model's parameters and the precision it ran in (timings.csv).
+    New tokens are counted by re-tokenising the raw answers, so resumed runs count every batch."""
+    from rag_lab.models import resolve_model
+    from rag_lab.timings import checkpoint_params
+
+    if cfg.generator.kind == "extractive":
+        return {}
+    path = Path(resolve_model(repo_path(model_path)))
+    int8 = cfg.generator.backend == "ctranslate2" and getattr(generator, "compute_type", "").startswith("int8")
+    return {"prompt_tokens": sum(p.get("prompt_tokens", 0) for p in preds),
+            "new_tokens": sum(len(generator.tokenizer(p["raw"], add_special_tokens=False)["input_ids"]) for p in preds),
+            "n_params": checkpoint_params(path) if path.is_dir() else None, "precision": "int8" if int8 else "float32"}
 
 
 def _generate_resumable(generator, questions, contexts, partial_path: Path, show_progress: bool) -> tuple[list[dict], float | None]:
@@ -208,11 +227,11 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     timings["data_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    hits = retrieve_stage(cfg, questions, passages, show_progress)
+    hits = retrieve_stage(cfg, questions, passages, show_progress, profile)
     timings["retrieve_s"] = time.perf_counter() - t
 
     seeds = cfg.training.seeds if cfg.training.enabled else [cfg.seed]
-    per_seed, training = [], {}
+    per_seed, training, costs = [], {}, {}
     for seed in seeds:
         path = model_path or cfg.generator.model
         if cfg.training.enabled:
@@ -222,10 +241,11 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
             timings[f"train_seed{seed}_s"] = time.perf_counter() - t
             compute[f"train_seed{seed}_s"] = info.get("train_seconds")
             training[seed] = {"model": str(final.relative_to(REPO_ROOT)) if final.is_relative_to(REPO_ROOT) else str(final),
-                              **{k: info.get(k) for k in ("n_train", "n_dev", "skipped_empty_answers", "train_loss", "global_step", "train_seconds", "peak_rss_gb",
+                              **{k: info.get(k) for k in ("n_train", "n_dev", "skipped_empty_answers", "train_loss", "global_step", "train_seconds", "train_tokens", "peak_rss_gb",
                                                            "best_checkpoint", "log_history", "dev_history")}}
         t, stage = time.perf_counter(), f"generate_seed{seed}_s" if cfg.training.enabled else "generate_s"
-        preds, key, compute[stage] = generate_stage(cfg, questions, train, passages, hits, path, show_progress)
+        preds, key, cost = generate_stage(cfg, questions, train, passages, hits, path, show_progress)
+        compute[stage], costs[seed] = cost["generate_s"], cost
         timings[stage] = time.perf_counter() - t
         rows = score_stage(questions, preds, hits, passages)
         per_seed.append((seed, key, rows, summarize_rows(rows, seed=0)))
@@ -239,7 +259,26 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     row = table_row(cfg, metrics, eval_set_name(cfg.data, len(questions)), compute_s,
                     run_dir.relative_to(profile_results_dir(profile)).as_posix())
     upsert_main_table([row], profile)
+    record_row_timing(cfg, compute_s, costs, training, len(questions), profile)
     return RunResult(run_dir, row, rows, metrics, timings, training)
+
+
+def record_row_timing(cfg, compute_s: float | None, costs: dict, training: dict, n: int, profile: str) -> None:
+    """The row's line of timings.csv: what computing it took, against the FLOPs it did (generation
+    at 2 N per token read or written, training at 6 N per token trained)."""
+    from rag_lab.timings import StageTiming, decoder_flops, record, training_flops
+
+    if compute_s is None:
+        return
+    flops, precision = 0.0, "float32"
+    for seed, cost in costs.items():
+        if cost.get("n_params"):
+            flops += decoder_flops(cost["n_params"], cost["prompt_tokens"], cost["new_tokens"])
+            precision = cost["precision"] if not training else "float32"  # training is float32 whatever the eval engine
+            if seed in training and training[seed].get("train_tokens"):
+                flops += training_flops(cost["n_params"], training[seed]["train_tokens"])
+    note = f"{n} questions" + (f", {len(training)} training run(s)" if training else "")
+    record(StageTiming(f"row {cfg.name}", compute_s, flops or None, precision if flops else None, note), profile)
 
 
 def trainer_for(cfg):
@@ -280,8 +319,10 @@ def table_row(cfg: ExperimentConfig, metrics: dict, eval_set: str, wall_s: float
     from a cache count what they took when computed; None if unknown); `run` is the run folder
     relative to the profile's results folder."""
     r = cfg.retriever
-    row = {"experiment": cfg.name, "regime": cfg.regime, "generator": Path(cfg.generator.model).name,
+    row = {"block": cfg.block, "experiment": cfg.name, "regime": cfg.regime, "generator": Path(cfg.generator.model).name,
+           "backend": cfg.generator.backend if cfg.generator.kind == "decoder" else "",
            "retriever": r.kind if r.kind != "none" else "", "k": r.k if r.kind != "none" else "",
+           "context": context_label(cfg) if r.kind != "none" else "",
            "eval_set": eval_set, "n": metrics["all"]["n"]}
     for subset, suffix in (("all", ""), ("in_corpus", "_in_corpus")):
         block = metrics.get(subset)
@@ -302,6 +343,13 @@ def table_row(cfg: ExperimentConfig, metrics: dict, eval_set: str, wall_s: float
     return row
 
 
+def context_label(cfg: ExperimentConfig) -> str:
+    """What the reader was given to read: passage granularity and the context budget."""
+    passages = f"windows<={cfg.data.window_words}w" if cfg.data.window_words else "passages<=100w"
+    budget = cfg.generator.max_context_tokens
+    return passages + (f", {budget} tokens" if budget else "")
+
+
 def display_main_table(table: pd.DataFrame) -> pd.DataFrame:
     """'mean [low, high]' cells for reading; the CSV keeps the numbers."""
     from rag_lab.results import ci_column
@@ -309,7 +357,8 @@ def display_main_table(table: pd.DataFrame) -> pd.DataFrame:
     def ci(col):
         return ci_column(table, col)
 
-    out = table[["experiment", "regime", "generator", "retriever", "k", "eval_set", "n"]].copy()
+    columns = [c for c in ("block", "experiment", "regime", "generator", "backend", "retriever", "k", "context", "eval_set", "n") if c in table]
+    out = table[columns].fillna("").copy()
     for col, label in (("em", "EM"), ("f1", "F1"), ("match", "answer match"), ("recall@k", "answer recall@k")):
         out[label] = ci(col)
     out["n (in corpus)"] = table["n_in_corpus"] if "n_in_corpus" in table else ""
@@ -343,13 +392,14 @@ REGIME_ORDER = ("closed_book", "closed_book_ft", "rag", "rag_ft", "reader", "ora
 
 
 def in_regime_order(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows in the order the comparison reads: closed-book, fine-tuned, RAG, RAG fine-tuned, reader;
-    within a regime by experiment name, numbers compared as numbers (k1, k3, k5, k10)."""
+    """Rows by block, then in the order the comparison reads: closed-book, fine-tuned, RAG, RAG
+    fine-tuned, reader, oracle; within a regime by experiment name, numbers compared as numbers (k1, k3, k5, k10)."""
     import re
 
     def key(row) -> tuple:
         regime = REGIME_ORDER.index(row["regime"]) if row["regime"] in REGIME_ORDER else len(REGIME_ORDER)
         name = tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(row["experiment"])) if t)
-        return regime, name
+        block = row["block"] if "block" in row and isinstance(row["block"], str) else ""
+        return block, regime, name
 
     return table.iloc[sorted(range(len(table)), key=lambda i: key(table.iloc[i]))]

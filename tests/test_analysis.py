@@ -45,8 +45,8 @@ def test_disagreements_lists_only_split_decisions():
 
 
 def test_adjacent_pairs_keeps_present_experiments():
-    assert analysis.adjacent_pairs(["closed_book_zero_shot", "rag_zero_shot_dense", "finetune_rag"]) == [
-        ("closed_book_zero_shot", "rag_zero_shot_dense"), ("rag_zero_shot_dense", "finetune_rag")]
+    assert analysis.adjacent_pairs(["closed_book_zero_shot", "rag_zero_shot", "finetune_rag", "qwen_rag"]) == [
+        ("closed_book_zero_shot", "rag_zero_shot"), ("rag_zero_shot", "finetune_rag"), ("rag_zero_shot", "qwen_rag")]
 
 
 def test_figures_render():

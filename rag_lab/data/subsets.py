@@ -26,6 +26,24 @@ def subset_questions(questions: Sequence[QAExample], n: int | None, seed: int = 
     return [q for i, q in enumerate(questions) if i in keep]
 
 
+def corpus_for(data_cfg, questions: Sequence[QAExample]) -> list[Passage]:
+    """The passages an experiment reads: `data.corpus`, split into sentence windows when
+    `data.window_words` is set, then cut to `data.n_corpus` (keeping answers to `questions`)."""
+    from rag_lab.data import load_corpus
+    from rag_lab.data.chunking import window_passages
+
+    passages = load_corpus(data_cfg.corpus)
+    if data_cfg.window_words:
+        passages = window_passages(passages, data_cfg.window_words)
+    return subset_corpus(passages, questions, data_cfg.n_corpus, data_cfg.subset_seed)
+
+
+def corpus_label(data_cfg) -> str:
+    """How a run's passages are named in timings: 'nq-mini', 'nq-mini windows<=40w', ..."""
+    parts = [data_cfg.corpus] + ([f"windows<={data_cfg.window_words}w"] if data_cfg.window_words else [])
+    return " ".join(parts + ([f"n_corpus={data_cfg.n_corpus}"] if data_cfg.n_corpus else []))
+
+
 def subset_corpus(passages: Sequence[Passage], questions: Sequence[QAExample], n: int | None, seed: int = 0) -> list[Passage]:
     """n passages: up to half of them ones that hold an answer to `questions` (so a small profile
     still has something to find), the rest a seeded random sample; original order kept."""

@@ -14,6 +14,12 @@ from rag_lab.generators.postprocess import clean_answer
 from rag_lab.generators.prompts import Prompt, PromptBuilder, sample_demonstrations
 
 
+def prompt_builder(cfg, tokenizer, demonstrations: Sequence[QAExample] = ()) -> PromptBuilder:
+    """The prompts of a `GeneratorConfig` for one tokenizer (generation and training share it)."""
+    return PromptBuilder(tokenizer, cfg.closed_book_template, cfg.rag_template, cfg.system_prompt, demonstrations,
+                         cfg.use_chat_template, cfg.max_input_tokens, cfg.max_context_tokens)
+
+
 def build_generator(cfg, train: Sequence[QAExample] = (), seed: int = 0, model_path: str | None = None):
     """A generator from a `GeneratorConfig`; demonstrations are drawn from `train` with `seed`."""
     from rag_lab import models
@@ -32,15 +38,17 @@ def build_generator(cfg, train: Sequence[QAExample] = (), seed: int = 0, model_p
         from rag_lab.generators.ct2 import CT2DecoderGenerator, load_ct2_generator
 
         path = models.resolve_model(name)
-        model, _ = load_ct2_generator(path, cfg.ct2_compute_type)  # the engine, converted once and cached
-        tokenizer, cls = models._load_tokenizer(str(path), padding_side="left"), CT2DecoderGenerator
-    else:
-        model, tokenizer = load(name)
-    builder = PromptBuilder(tokenizer, cfg.closed_book_template, cfg.rag_template, cfg.system_prompt,
-                            sample_demonstrations(train, cfg.n_few_shot, seed), cfg.use_chat_template, cfg.max_input_tokens)
+        engine, compute_type = load_ct2_generator(path, cfg.ct2_compute_type)  # converted once and cached
+        tokenizer = models.load_tokenizer(str(path), padding_side="left")
+        generator = CT2DecoderGenerator(engine, tokenizer, prompt_builder(cfg, tokenizer, sample_demonstrations(train, cfg.n_few_shot, seed)),
+                                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, strip_prefixes=cfg.strip_prefixes)
+        generator.compute_type = compute_type
+        return generator
+    model, tokenizer = load(name)
+    builder = prompt_builder(cfg, tokenizer, sample_demonstrations(train, cfg.n_few_shot, seed))
     return cls(model, tokenizer, builder, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                strip_prefixes=cfg.strip_prefixes)
 
 
-__all__ = ["DecoderGenerator", "Seq2SeqGenerator", "HFGenerator", "Prompt", "PromptBuilder", "build_generator",
+__all__ = ["DecoderGenerator", "Seq2SeqGenerator", "HFGenerator", "Prompt", "PromptBuilder", "build_generator", "prompt_builder",
            "clean_answer", "length_sorted_batches", "sample_demonstrations"]

@@ -113,7 +113,7 @@ class CT2DecoderGenerator(HFGenerator):
     is_decoder_only = True
 
     def __init__(self, generator, tokenizer, prompt_builder: PromptBuilder, **kwargs):
-        self.generator = generator
+        self.generator, self.compute_type = generator, ""  # build_generator sets the resolved compute type
         super().__init__(None, tokenizer, prompt_builder, **kwargs)  # no torch model: CT2 holds the weights
         self.stats["new_tokens"] = 0
 

@@ -33,7 +33,8 @@ class PromptBuilder:
     """Builds prompts for one tokenizer: chat template when it has one (and `use_chat` is on), plain text otherwise."""
 
     def __init__(self, tokenizer, closed_book_template: str, rag_template: str, system_prompt: str = "",
-                 demonstrations: Sequence[QAExample] = (), use_chat: bool = True, max_input_tokens: int = 1024):
+                 demonstrations: Sequence[QAExample] = (), use_chat: bool = True, max_input_tokens: int = 1024,
+                 max_context_tokens: int | None = None):
         if "{question}" not in closed_book_template:
             raise ValueError("closed_book_template must contain {question}")
         if "{question}" not in rag_template or "{context}" not in rag_template:
@@ -43,7 +44,7 @@ class PromptBuilder:
         self.system_prompt, self.demonstrations = system_prompt, list(demonstrations)
         # Chat mode on a tokenizer without a template falls back to plain prompts (documented).
         self.use_chat = use_chat and getattr(tokenizer, "chat_template", None) is not None
-        self.max_input_tokens = max_input_tokens
+        self.max_input_tokens, self.max_context_tokens = max_input_tokens, max_context_tokens
 
     def count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=not self.use_chat)["input_ids"])
@@ -68,9 +69,12 @@ class PromptBuilder:
         return Prompt(text, n, False, 0)
 
     def rag(self, example: QAExample, passages: Sequence[Passage]) -> Prompt:
-        """Put as many passages as fit; cut the first one that does not fit, drop the rest."""
+        """Put as many passages as fit (in max_input_tokens, and in max_context_tokens when set); cut the
+        first one that does not fit, drop the rest."""
         frame = self.render(self.rag_template.format(context="", question=example.question))
         budget = self.max_input_tokens - self.count(frame)
+        if budget >= 0 and self.max_context_tokens is not None:
+            budget = min(budget, self.max_context_tokens)
         if budget < 0:
             raise ValueError(f"question {example.id!r}: the prompt without passages is already over max_input_tokens={self.max_input_tokens}")
         while True:  # tokenisation is not exactly additive: shrink the budget until the whole prompt fits

@@ -1,6 +1,7 @@
 """BM25 with bm25s: sparse-matrix scoring, an index saved once and reloaded by hash."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +27,7 @@ class BM25Retriever:
         self._stemmer = _make_stemmer(stemmer)
         self._corpus_hash = corpus_fingerprint(self.passages)
         self.cache_hit = False
+        self.build: dict | None = None  # {"kind", "seconds"} when this process built the index (timings.csv)
         self.index = self._load_or_build(cache_dir)
 
     def fingerprint(self) -> str:
@@ -41,12 +43,14 @@ class BM25Retriever:
         if (folder / "params.index.json").exists():
             self.cache_hit = True
             return bm25s.BM25.load(str(folder), show_progress=False)
+        t0 = time.perf_counter()
         index = bm25s.BM25(k1=self.params["k1"], b=self.params["b"])
         tokens = bm25s.tokenize([passage_text(p) for p in self.passages], stopwords=self.params["stopwords"] or [],
                                 stemmer=self._stemmer, show_progress=self.show_progress)
         index.index(tokens, show_progress=self.show_progress)
         with atomic_dir(folder) as tmp:
             index.save(str(tmp), show_progress=False)
+        self.build = {"kind": "bm25", "seconds": time.perf_counter() - t0, "note": f"{len(self.passages)} passages"}
         return index
 
     def retrieve(self, questions: Sequence[QAExample], k: int) -> list[list[Hit]]:

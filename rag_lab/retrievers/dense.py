@@ -42,6 +42,7 @@ class DenseRetriever:
         self._corpus_hash = corpus_fingerprint(self.passages)
         self.cache_dir = retriever_cache_dir(cache_dir)
         self.cache_hit = {"embeddings": False, "index": False}
+        self.build: dict | None = None  # {"kind", "seconds", "flops"} when this process encoded the corpus (timings.csv)
         self.embeddings = self._load_or_encode()
         self.index = self._load_or_build_index()
 
@@ -62,9 +63,26 @@ class DenseRetriever:
         if path.exists():
             self.cache_hit["embeddings"] = True
             return np.load(path, allow_pickle=False)
-        vecs = self.encode([passage_text(p) for p in self.passages], self.params["passage_prefix"], self.show_progress)
+        import time
+
+        t0 = time.perf_counter()
+        texts = [self.params["passage_prefix"] + passage_text(p) for p in self.passages]
+        vecs = self.encode(texts, "", self.show_progress)
         _save_npy(path, vecs)
+        self.build = {"kind": f"dense {Path(self.encoder_name).name}", "seconds": time.perf_counter() - t0,
+                      "flops": self._encoding_flops(texts), "note": f"{len(texts)} passages encoded"}
         return vecs
+
+    def _encoding_flops(self, texts: list[str]) -> float | None:
+        """2 N per token over the tokens the encoder saw (truncated at max_length; padding not counted)."""
+        from rag_lab.timings import count_params, encoder_flops
+
+        try:
+            tokenizer, net = self.model.tokenizer, self.model[0].auto_model
+        except (AttributeError, IndexError, TypeError):  # an encoder that is not a transformers module
+            return None
+        lengths = tokenizer(texts, truncation=True, max_length=self.params["max_length"])["input_ids"]
+        return encoder_flops(count_params(net), sum(map(len, lengths)))
 
     def _load_or_build_index(self) -> faiss.Index:
         path = self.cache_dir / f"faiss-{stable_hash([self._embedding_key(), self.index_factory])[:16]}.index"

@@ -44,6 +44,10 @@ class HybridRetriever:
         self.passages = first.passages
         self.fusion, self.rrf_k, self.weight_second, self.depth = fusion, rrf_k, weight_second, depth
 
+    @property
+    def parts(self) -> tuple:
+        return (self.first, self.second)
+
     def fingerprint(self) -> str:
         return stable_hash({"kind": "hybrid", "first": self.first.fingerprint(), "second": self.second.fingerprint(),
                             "fusion": self.fusion, "rrf_k": self.rrf_k, "w": self.weight_second, "depth": self.depth})

@@ -24,6 +24,10 @@ class OracleRetriever:
         self.passages, self.ranker = list(passages), ranker
         self._texts = [padded_normalized(passage_text(p)) for p in self.passages]
 
+    @property
+    def parts(self) -> tuple:
+        return (self.ranker,)
+
     def fingerprint(self) -> str:
         return stable_hash({"kind": "oracle", "ranker": self.ranker.fingerprint()})
 

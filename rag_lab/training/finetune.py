@@ -76,9 +76,9 @@ def ensure_finetuned(cfg, seed: int, show_progress: bool = True) -> tuple[Path, 
 def _train(cfg, seed: int, out: Path, show_progress: bool) -> dict:
     import torch
 
-    from rag_lab.data import load_corpus, load_qa
-    from rag_lab.data.subsets import subset_corpus
-    from rag_lab.generators import DecoderGenerator, PromptBuilder
+    from rag_lab.data import load_qa
+    from rag_lab.data.subsets import corpus_for
+    from rag_lab.generators import DecoderGenerator, prompt_builder
     from rag_lab.models import load_causal_lm
     from rag_lab.pipeline import contexts_from_hits
 
@@ -90,13 +90,12 @@ def _train(cfg, seed: int, out: Path, show_progress: bool) -> dict:
     train, dev = split_train_dev(load_qa(cfg.data.dataset, cfg.data.train_split), cfg.training.dev_size, cfg.data.n_train, seed)
     model, tokenizer = load_causal_lm(cfg.generator.model)
     g = cfg.generator
-    builder = PromptBuilder(tokenizer, g.closed_book_template, g.rag_template, g.system_prompt, (), g.use_chat_template, g.max_input_tokens)
+    builder = prompt_builder(g, tokenizer)
     train_ctx = dev_ctx = None
     if cfg.retriever.kind != "none":
         from rag_lab.retrievers import build_retriever, cached_retrieve
 
-        passages = load_corpus(cfg.data.corpus)
-        passages = subset_corpus(passages, train + dev, cfg.data.n_corpus, cfg.data.subset_seed) if cfg.data.n_corpus else passages
+        passages = corpus_for(cfg.data, train + dev)
         retriever = build_retriever(cfg.retriever, passages, show_progress=show_progress)
         train_ctx = contexts_from_hits(cached_retrieve(retriever, train, cfg.retriever.k), passages)
         dev_ctx = contexts_from_hits(cached_retrieve(retriever, dev, cfg.retriever.k), passages)
@@ -117,7 +116,11 @@ def _train(cfg, seed: int, out: Path, show_progress: bool) -> dict:
     record = training_record(cfg, seed)
     callback = DevEMCallback(make_generator, dev, dev_ctx) if dev else None
     report = train_generator(model, tokenizer, examples, out, settings, dev_examples, callback, record)
+    s = settings
+    # tokens the optimiser saw: the mean example length x examples per step x steps (timings.csv's 6 N T)
+    train_tokens = sum(len(e["input_ids"]) for e in examples) / len(examples) * report["global_step"] * s.batch_size * s.grad_accum
     info = {"record": record, "n_train": len(examples), "skipped_empty_answers": skipped, "n_dev": len(dev),
+            "train_tokens": int(train_tokens),
             "train_seconds": report["train_seconds"], "peak_rss_gb": report["peak_rss_gb"],  # peak of the whole process so far
             "train_loss": report["train_loss"], "global_step": report["global_step"],
             "best_checkpoint": report["best_checkpoint"], "log_history": report["log_history"],

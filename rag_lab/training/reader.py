@@ -230,16 +230,15 @@ def ensure_reader_trained(cfg, seed: int, show_progress: bool = True) -> tuple[P
 def _train(cfg, seed: int, out: Path, record: dict, show_progress: bool) -> dict:
     from transformers import AutoTokenizer
 
-    from rag_lab.data import load_corpus, load_qa
-    from rag_lab.data.subsets import subset_corpus
+    from rag_lab.data import load_qa
+    from rag_lab.data.subsets import corpus_for
     from rag_lab.models import resolve_model
     from rag_lab.pipeline import contexts_from_hits
     from rag_lab.retrievers import build_retriever, cached_retrieve
 
     torch.manual_seed(seed)
     train, dev = split_train_dev(load_qa(cfg.data.dataset, cfg.data.train_split), cfg.training.dev_size, cfg.data.n_train, seed)
-    passages = load_corpus(cfg.data.corpus)
-    passages = subset_corpus(passages, train + dev, cfg.data.n_corpus, cfg.data.subset_seed) if cfg.data.n_corpus else passages
+    passages = corpus_for(cfg.data, train + dev)
     retriever = build_retriever(cfg.retriever, passages, show_progress=show_progress)
     train_ctx = contexts_from_hits(cached_retrieve(retriever, train, cfg.retriever.k), passages)
     dev_ctx = contexts_from_hits(cached_retrieve(retriever, dev, cfg.retriever.k), passages) if dev else None
