@@ -171,11 +171,12 @@ def headline_test(predictions: dict[str, list[dict]], pair: tuple[str, str] = HE
         b_rows = [r for r in predictions[system] if keep(r)]
         a, b = _aligned(a_rows, b_rows, metric)
         n, test, mc = len(a), paired_bootstrap_test(b, a, seed=seed), mcnemar_exact(b, a)
-        p01, p10 = mc["b01"] / n, mc["b10"] / n  # system right & baseline wrong, and the reverse
+        # mcnemar_exact(b, a): b01 = system wrong & baseline right, b10 = system right & baseline wrong
+        p01, p10 = mc["b01"] / n, mc["b10"] / n
         rows.append({"lens": lens, "baseline": base, "system": system, "metric": metric, "n": n,
                      "baseline_mean": a.mean(), "system_mean": b.mean(), "diff": test["diff"],
-                     "diff_low": test["ci_low"], "diff_high": test["ci_high"], "system only right": mc["b01"],
-                     "baseline only right": mc["b10"], "p_mcnemar": mc["p_value"], "p_bootstrap": test["p_value"],
+                     "diff_low": test["ci_low"], "diff_high": test["ci_high"], "system only right": mc["b10"],
+                     "baseline only right": mc["b01"], "p_mcnemar": mc["p_value"], "p_bootstrap": test["p_value"],
                      "power at n": mcnemar_power(p01, p10, n, alpha), "n for 80% power": n_for_power(p01, p10, 0.8, alpha)})
     return pd.DataFrame(rows)
 

@@ -260,8 +260,8 @@ def mcnemar_power(p01: float, p10: float, n: int, alpha: float = 0.05) -> float:
 
     power, share = 0.0, p01 / pd_
     d_weights = binom.pmf(np.arange(n + 1), n, pd_)
-    for d in range(1, n + 1):
-        if d_weights[d] < 1e-12:
+    for d in np.flatnonzero(d_weights >= 1e-12):  # the discordant counts that carry any probability
+        if d == 0:
             continue
         tails = np.minimum(1.0, 2 * binom.cdf(np.minimum(np.arange(d + 1), d - np.arange(d + 1)), d, 0.5))
         power += d_weights[d] * binom.pmf(np.arange(d + 1), d, share)[tails <= alpha].sum()
@@ -271,11 +271,13 @@ def mcnemar_power(p01: float, p10: float, n: int, alpha: float = 0.05) -> float:
 def n_for_power(p01: float, p10: float, power: float = 0.8, alpha: float = 0.05, n_max: int = 100_000) -> int | None:
     """The smallest n (searched on a doubling grid, then bisected) at which `mcnemar_power` reaches
     `power`; None if even n_max does not (no effect: p01 == p10)."""
-    if p01 == p10 or mcnemar_power(p01, p10, n_max, alpha) < power:
+    if p01 == p10:
         return None
     low, high = 1, 16
     while mcnemar_power(p01, p10, high, alpha) < power:
-        low, high = high, high * 2
+        if high >= n_max:
+            return None
+        low, high = high, min(high * 2, n_max)
     while high - low > max(1, low // 50):  # 2% resolution is plenty for planning
         mid = (low + high) // 2
         low, high = (mid, high) if mcnemar_power(p01, p10, mid, alpha) < power else (low, mid)

@@ -63,3 +63,43 @@ def test_figures_render():
     heights = [p.get_height() for p in fig.axes[0].patches]
     assert heights == pytest.approx([1 / 6, 1 / 6, 1 / 6, 3 / 6])
     plots.plt.close(fig)
+
+
+def test_headline_test_counts_each_side_and_its_lens():
+    ids = [f"q{i}" for i in range(10)]
+    cb = preds(ids, [1, 0, 0, 0, 0, 0, 1, 0, 0, 0])
+    rag = preds(ids, [1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    for i, r in enumerate(cb + rag):
+        r["answer_in_corpus"] = int(r["id"][1:]) < 5  # q0..q4
+    table = analysis.headline_test({"qwen_closed_book": cb, "qwen_rag": rag}, metric="em").set_index("lens")
+    everything, lens = table.loc["all questions"], table.loc["answer in corpus"]
+    assert (everything["n"], everything["system only right"], everything["baseline only right"]) == (10, 3, 1)
+    assert everything["diff"] == pytest.approx(0.2) and everything["p_mcnemar"] == pytest.approx(0.625)
+    assert (lens["n"], lens["system only right"], lens["baseline only right"]) == (5, 3, 0)
+    assert 0 <= everything["power at n"] <= 1
+    lines = analysis.findings(pd.DataFrame(columns=["metric"]), table.reset_index(), metric="em")
+    assert "3 questions right only with RAG, 1 only closed-book" in lines[0] and "does not separate" in lines[0]
+
+
+def test_mcnemar_power_exact_small_cases():
+    from rag_lab.metrics import mcnemar_power, n_for_power
+
+    # n = 1 can never reject at 0.05 (smallest p is 1); no discordance, no power
+    assert mcnemar_power(0.5, 0.0, 1) == 0.0 and mcnemar_power(0.0, 0.0, 100) == 0.0
+    # n = 6, every question discordant one way: b10 = 6 gives p = 2/64 < 0.05; power = P(all 6 one way) = 1
+    assert mcnemar_power(1.0, 0.0, 6) == pytest.approx(1.0)
+    assert mcnemar_power(1.0, 0.0, 5) == 0.0  # 2/32 > 0.05: five cannot reject
+    # brute force on n = 8 against an enumeration of all outcomes
+    import itertools
+    p01, p10, n, total = 0.3, 0.1, 8, 0.0
+    for outcome in itertools.product((0, 1, 2), repeat=n):  # 0 concordant, 1 = b01, 2 = b10
+        prob = 1.0
+        for o in outcome:
+            prob *= (1 - p01 - p10, p01, p10)[o]
+        a = [1.0 if o == 1 else 0.0 for o in outcome]
+        b = [1.0 if o == 2 else 0.0 for o in outcome]
+        total += prob * (mcnemar_exact(a, b)["p_value"] <= 0.05)
+    assert mcnemar_power(p01, p10, n) == pytest.approx(total, abs=1e-9)
+    assert n_for_power(0.02, 0.02) is None
+    n = n_for_power(0.02, 0.08)
+    assert mcnemar_power(0.02, 0.08, n) >= 0.8
