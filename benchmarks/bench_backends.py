@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3, help="BM25 passages in the RAG prompts")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
+    ap.add_argument("--prompts", nargs="+", choices=["closed-book", "rag"], default=["closed-book", "rag"])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "backends.json")
     args = ap.parse_args()
 
@@ -93,6 +94,8 @@ def main() -> None:
     report = {"n_questions": len(questions), "k": args.k, "batch_size": args.batch_size, "threads": torch.get_num_threads(), "runs": []}
     for model in args.models:
         for kind, contexts in (("closed-book", None), (f"rag k={args.k}", rag_contexts)):
+            if kind.split(" ")[0] not in args.prompts:
+                continue
             ref = measure(model, "transformers", questions, contexts, args.batch_size)
             fast = measure(model, "ctranslate2", questions, contexts, args.batch_size)
             row = {"model": model, "prompts": kind, "transformers": {k: v for k, v in ref.items() if k != "preds"},
@@ -106,6 +109,7 @@ def main() -> None:
                   f"({row['speedup_questions']}x) | prefill tok/s {ref['prefill_tokens_per_s']} -> {fast['prefill_tokens_per_s']} "
                   f"| decode tok/s {ref['decode_tokens_per_s']} -> {fast['decode_tokens_per_s']} ({row['speedup_decode']}x) "
                   f"| agreement {row['agreement']}", flush=True)
+            write_json(args.out, report)  # after every row: a stopped run keeps what it measured
     peaks_after = dict(measure_peaks.__wrapped__())
     report["peaks"] = {"float32_gflops": max(peaks_before["float32_gflops"], peaks_after["float32_gflops"]),
                        "int8_gops": max(peaks_before["int8_gops"], peaks_after["int8_gops"]), "samples": [peaks_before, peaks_after]}
