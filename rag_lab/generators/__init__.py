@@ -34,20 +34,18 @@ def build_generator(cfg, train: Sequence[QAExample] = (), seed: int = 0, model_p
     if cfg.kind not in loaders:
         raise ValueError(f"generator.kind {cfg.kind!r}: kinds are {', '.join([*loaders, 'extractive'])}")
     load, cls = loaders[cfg.kind]
+    extra = {}
     if cfg.backend == "ctranslate2":
         from rag_lab.generators.ct2 import CT2DecoderGenerator, load_ct2_generator
 
         path = models.resolve_model(name)
-        engine, compute_type = load_ct2_generator(path, cfg.ct2_compute_type)  # converted once and cached
-        tokenizer = models.load_tokenizer(str(path), padding_side="left")
-        generator = CT2DecoderGenerator(engine, tokenizer, prompt_builder(cfg, tokenizer, sample_demonstrations(train, cfg.n_few_shot, seed)),
-                                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, strip_prefixes=cfg.strip_prefixes)
-        generator.compute_type = compute_type
-        return generator
-    model, tokenizer = load(name)
+        model, extra["compute_type"] = load_ct2_generator(path, cfg.ct2_compute_type)  # converted once and cached
+        tokenizer, cls = models.load_tokenizer(str(path), padding_side="left"), CT2DecoderGenerator
+    else:
+        model, tokenizer = load(name)
     builder = prompt_builder(cfg, tokenizer, sample_demonstrations(train, cfg.n_few_shot, seed))
     return cls(model, tokenizer, builder, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-               strip_prefixes=cfg.strip_prefixes)
+               strip_prefixes=cfg.strip_prefixes, **extra)
 
 
 __all__ = ["DecoderGenerator", "Seq2SeqGenerator", "HFGenerator", "Prompt", "PromptBuilder", "build_generator", "prompt_builder",

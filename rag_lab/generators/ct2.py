@@ -112,8 +112,8 @@ class CT2DecoderGenerator(HFGenerator):
 
     is_decoder_only = True
 
-    def __init__(self, generator, tokenizer, prompt_builder: PromptBuilder, **kwargs):
-        self.generator, self.compute_type = generator, ""  # build_generator sets the resolved compute type
+    def __init__(self, generator, tokenizer, prompt_builder: PromptBuilder, compute_type: str = "", **kwargs):
+        self.generator, self.compute_type = generator, compute_type  # the resolved one (timings: int8 or float)
         super().__init__(None, tokenizer, prompt_builder, **kwargs)  # no torch model: CT2 holds the weights
         self.stats["new_tokens"] = 0
 
