@@ -84,13 +84,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "backends.json")
     args = ap.parse_args()
 
-    from rag_lab.pipeline import contexts_from_hits
-    from rag_lab.retrievers import BM25Retriever
+    from rag_lab.config import RetrieverConfig
+    from rag_lab.pipeline import contexts
 
     peaks_before = dict(measure_peaks.__wrapped__())  # a fresh sample before, and one after, the timed parts
     questions = subset_questions(load_qa("nq-mini", "eval"), args.n, seed=1)
     passages = load_corpus("nq-mini")
-    rag_contexts = contexts_from_hits(BM25Retriever(passages, show_progress=False).retrieve(questions, args.k), passages)
+    (bm25,) = contexts(RetrieverConfig(kind="bm25"), passages, args.k, questions, show_progress=False)
+    rag_contexts = bm25.passages
     report = {"n_questions": len(questions), "k": args.k, "batch_size": args.batch_size, "threads": torch.get_num_threads(), "runs": []}
     for model in args.models:
         for kind, contexts in (("closed-book", None), (f"rag k={args.k}", rag_contexts)):

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import best_of, causal_lm_flops_per_token, matmul_peak_flops  # noqa: E402
 
-from rag_lab.config import GeneratorConfig  # noqa: E402
+from rag_lab.config import GeneratorConfig, RetrieverConfig  # noqa: E402
 from rag_lab.data import load_corpus, load_qa  # noqa: E402
 from rag_lab.data.subsets import subset_questions  # noqa: E402
 from rag_lab.generators import build_generator  # noqa: E402
@@ -51,11 +51,10 @@ def main() -> None:
     gen.stop_at_newline = False  # the loop below has no stop criterion: compare like with like
     contexts = None
     if args.k:
-        from rag_lab.retrievers import BM25Retriever
-        from rag_lab.pipeline import contexts_from_hits
+        from rag_lab.pipeline import contexts as retrieve
 
         passages = load_corpus("nq-mini")
-        contexts = contexts_from_hits(BM25Retriever(passages, show_progress=False).retrieve(questions, args.k), passages)
+        contexts = retrieve(RetrieverConfig(kind="bm25"), passages, args.k, questions, show_progress=False)[0].passages
     prompts = gen.prompts(questions, contexts)
 
     t = time.perf_counter()

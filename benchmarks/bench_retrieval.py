@@ -85,7 +85,8 @@ def bm25_vs_rank_bm25(passages, questions, peer_budget_s: float) -> dict:
     tokens `BM25Retriever.tokenize` produces (stopwords 'en', English stemmer)."""
     import rank_bm25
 
-    from rag_lab.retrievers import BM25Retriever, passage_text
+    from rag_lab.data.records import passage_text
+    from rag_lab.retrievers import BM25Retriever
 
     say("== 1. BM25: BM25Retriever (bm25s) vs rank_bm25.BM25Okapi ==")
     texts = [passage_text(p) for p in passages]

@@ -36,12 +36,12 @@ def training_examples(tok, n: int | None, rag: bool) -> list[dict]:
     builder = PromptBuilder(tok, g.closed_book_template, g.rag_template, g.system_prompt, (), True, g.max_input_tokens)
     train = load_qa("nq-mini", "train")[:n]
     if rag:
+        from rag_lab.config import RetrieverConfig
         from rag_lab.data import load_corpus
-        from rag_lab.pipeline import contexts_from_hits
-        from rag_lab.retrievers import BM25Retriever
+        from rag_lab.pipeline import contexts
 
         passages = load_corpus("nq-mini")
-        ctx = contexts_from_hits(BM25Retriever(passages, show_progress=False).retrieve(train, 3), passages)
+        ctx = contexts(RetrieverConfig(kind="bm25"), passages, 3, train, show_progress=False)[0].passages
         prompts = [builder.rag(q, c).text for q, c in zip(train, ctx)]
     else:
         prompts = [builder.closed_book(q).text for q in train]

@@ -17,18 +17,16 @@ import pandas as pd
 
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.generators.prompts import PromptBuilder
-from rag_lab.metrics import bootstrap_ci, gold_spans, has_answer_normalized, padded_normalized
-from rag_lab.retrievers.base import Hit
+from rag_lab.metrics import bootstrap_ci, has_answer, mcnemar_exact
 
 
-def context_recall(questions: Sequence[QAExample], hits: Sequence[Sequence[Hit]], passages: Sequence[Passage],
-                   builder: PromptBuilder, budget: int) -> np.ndarray:
+def context_recall(questions: Sequence[QAExample], contexts: Sequence[Sequence[Passage]], builder: PromptBuilder,
+                   budget: int) -> np.ndarray:
     """(n,) bool: the context the reader would see within `budget` tokens holds a gold answer."""
-    by_id = {p.id: p for p in passages}
     found = np.zeros(len(questions), dtype=bool)
-    for i, (q, row) in enumerate(zip(questions, hits)):
-        context, _, _ = builder._fit([by_id[h.passage_id] for h in row], budget)
-        found[i] = has_answer_normalized(gold_spans(q.answers), padded_normalized(context))
+    for i, (q, passages) in enumerate(zip(questions, contexts)):
+        context, _, _ = builder._fit(passages, budget)
+        found[i] = has_answer(q.answers, context)
     return found
 
 
@@ -53,9 +51,9 @@ class BudgetCurve:
         return f"{self.retriever}, {self.granularity}"
 
 
-def budget_curve(retriever: str, granularity: str, questions, hits, passages, builder: PromptBuilder,
+def budget_curve(retriever: str, granularity: str, questions, contexts, builder: PromptBuilder,
                  budgets: Sequence[int]) -> BudgetCurve:
-    return BudgetCurve(retriever, granularity, {b: context_recall(questions, hits, passages, builder, b) for b in budgets})
+    return BudgetCurve(retriever, granularity, {b: context_recall(questions, contexts, builder, b) for b in budgets})
 
 
 def curves_table(curves: Sequence[BudgetCurve]) -> pd.DataFrame:
@@ -65,8 +63,6 @@ def curves_table(curves: Sequence[BudgetCurve]) -> pd.DataFrame:
 def choose_setting(curves: Sequence[BudgetCurve], budget: int) -> tuple[BudgetCurve, pd.DataFrame]:
     """The setting with the highest recall at `budget`, and every setting's recall there, best
     first, with the paired difference to the best (exact McNemar p: same dev questions)."""
-    from rag_lab.metrics import mcnemar_exact
-
     ranked = sorted(curves, key=lambda c: (-c.found[budget].mean(), c.setting))
     best = ranked[0]
     rows = []

@@ -6,45 +6,37 @@ import argparse
 import sys
 from pathlib import Path
 
-from rag_lab.config import PROFILES, ConfigError, config_help, load_experiment
+from rag_lab.config import ConfigError, PROFILES, RetrievalStudyConfig, config_help, load_experiment
+from rag_lab.data import build_nq_mini
 from rag_lab.io import DataError
+from rag_lab.paths import data_dir, profile_results_dir
+from rag_lab.readme import update_readme
 
 
 def _build_data(args: argparse.Namespace) -> None:
-    from rag_lab.data import build_nq_mini
-
     argv = (["--rebuild"] if args.rebuild else []) + (["--source", str(args.source)] if args.source else [])
     build_nq_mini.main(argv + (["--out", str(args.out)] if args.out else []))
 
 
 def _reproduce(args: argparse.Namespace) -> None:
-    from rag_lab.data import build_nq_mini
-    from rag_lab.paths import data_dir
-
-    from rag_lab.timings import timed
+    from rag_lab.notebooks import run_notebooks  # why: papermill + jupyter, only for reproduce
+    from rag_lab.timings import timed  # why: loads torch; `--help` and check-config need none of it
 
     out = data_dir() / "nq_mini"
     with timed("data nq-mini", args.profile, note="build or validate data/nq_mini against its sha256 manifest"):
         manifest = build_nq_mini.ensure(out)
     build_nq_mini.print_summary(manifest, out)
-    from rag_lab.notebooks import run_notebooks
-
     run_notebooks(profile=args.profile)
     if args.profile == "default":
-        from rag_lab.readme import update_readme
-
         print("README tables", "updated" if update_readme() else "already current")
 
 
 def _readme(args: argparse.Namespace) -> None:
-    from rag_lab.readme import update_readme
-
     print("README tables", "updated" if update_readme() else "already current")
 
 
 def _retrieval(args: argparse.Namespace) -> None:
-    from rag_lab.config import RetrievalStudyConfig
-    from rag_lab.retrieval_eval import run_retrieval_study
+    from rag_lab.retrieval_eval import run_retrieval_study  # why: loads torch and transformers (seconds)
 
     cfg = load_experiment(args.experiment, profile=args.profile, cls=RetrievalStudyConfig)
     result = run_retrieval_study(cfg, profile=args.profile)
@@ -52,7 +44,7 @@ def _retrieval(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from rag_lab.runner import run_experiment
+    from rag_lab.runner import run_experiment  # why: loads torch and transformers (seconds)
 
     for path in args.experiments:
         cfg = load_experiment(path, profile=args.profile)
@@ -63,15 +55,14 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _table(args: argparse.Namespace) -> None:
-    from rag_lab.paths import profile_results_dir
-    from rag_lab.runner import upsert_main_table
+    from rag_lab.results import upsert_main_table  # why: pandas; the other commands need none of it
 
     upsert_main_table([], args.profile)  # re-render the .md from the CSV with the current code
     print((profile_results_dir(args.profile) / "main_table.md").read_text(encoding="utf-8"))
 
 
 def _fetch_models(args: argparse.Namespace) -> None:
-    from rag_lab.models import EMBEDDED_MODELS, fetch_model
+    from rag_lab.models import EMBEDDED_MODELS, fetch_model  # why: loads torch
 
     # By default every model with something to do: split files to assemble, GGUFs to de-quantise.
     names = args.names or [n for n, m in EMBEDDED_MODELS.items() if m.parts or m.kind == "gguf-causal-lm"]

@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from rag_lab.paths import REPO_ROOT, repo_path
+
 
 class ConfigError(ValueError):
     """A bad configuration; the message names the file and the key."""
@@ -363,7 +365,36 @@ def load_experiment(path: str | Path, profile: str = "default", cls: type = Expe
         raise ConfigError(f"{path}: 'profiles' keys must be among {', '.join(PROFILES)}, got {list(profiles)}")
     raw.setdefault("name", path.stem)
     merged = _deep_merge(raw, profiles.get(profile) or {})
-    return from_dict(cls, merged, where=str(path))
+    return resolve_paths(from_dict(cls, merged, where=str(path)))
+
+
+def resolve_paths(cfg):
+    """The config with its paths resolved once, so every stage reads the same folder whatever the
+    working directory: output folders (`training.output`, `train_retriever.output`) that are
+    relative are under the repo root; a model or encoder that names a relative path existing
+    under the repo root (or the study's own `train_retriever.output`, built later) resolves
+    there. Embedded names and hub ids are left as they are."""
+    if isinstance(cfg, ExperimentConfig):
+        output = _under_repo(cfg.training.output) if cfg.training.output else ""
+        return dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, model=repo_path(cfg.generator.model)),
+                                   retriever=dataclasses.replace(cfg.retriever, encoder=repo_path(cfg.retriever.encoder)),
+                                   training=dataclasses.replace(cfg.training, output=output))
+    if isinstance(cfg, RetrievalStudyConfig):
+        t = cfg.train_retriever
+        trained = _under_repo(t.output)
+
+        def encoder(name: str) -> str:
+            return trained if name == t.output or _under_repo(name) == trained else repo_path(name)
+
+        retrievers = {k: dataclasses.replace(r, encoder=encoder(r.encoder)) for k, r in cfg.retrievers.items()}
+        return dataclasses.replace(cfg, retrievers=retrievers,
+                                   train_retriever=dataclasses.replace(t, output=trained, base_encoder=repo_path(t.base_encoder)),
+                                   budget=dataclasses.replace(cfg.budget, reader=repo_path(cfg.budget.reader)))
+    return cfg
+
+
+def _under_repo(path: str) -> str:
+    return path if Path(path).is_absolute() else str(REPO_ROOT / path)
 
 
 def config_help(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:

@@ -1,15 +1,18 @@
-"""Small file helpers: atomic writes and JSON-lines reading with line-numbered errors.
+"""Small file helpers: atomic writes (files and folders), JSON-lines reading with line-numbered
+errors, and content hashes for cache keys.
 
-Every output file of rag_lab goes through `atomic_write_bytes`, so a process killed
-mid-write leaves either the old file or the new one, never half of either.
+Every output file of rag_lab goes through `atomic_write_bytes` (a folder: `atomic_dir`), so a
+process killed mid-write leaves either the old output or the new one, never half of either.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -34,6 +37,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temp folder beside `target`; on success it replaces `target` in one rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _umask() -> int:
@@ -86,6 +104,11 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
+
+
+def stable_hash(obj) -> str:
+    """sha256 of a JSON-serialisable object with sorted keys (a cache key)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def sha256_file(path: str | Path) -> str:

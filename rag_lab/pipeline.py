@@ -1,32 +1,62 @@
-"""Compose the parts: closed-book and retrieval-augmented answering.
+"""The contexts stage: which passages each question's reader sees, cached by content.
 
-Components are passed in, never looked up by name:
+Everything that needs retrieved passages — the runner (evaluation), the trainers (training and dev
+questions, through the runner), the retrieval and budget studies — calls `contexts`; nothing else
+builds a retriever.
 
-    preds = closed_book(questions, generator)
-    preds = rag(questions, retriever, generator, k=5)
+    (ctx,) = contexts(cfg.retriever, passages, k, questions)
+    train_ctx, dev_ctx = contexts(cfg.retriever, passages, k, train, dev)   # one retriever, two question sets
+    ctx.passages[i]   # the k passages question i's reader sees, best first
+    ctx.hits[i]       # their ids, scores and ranks
+
+The index is cached under `paths.cache_dir("retrieval")` by the retriever's fingerprint (its
+settings, encoder weights and the corpus text); the hits of each question set by (fingerprint,
+question ids and text, k).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from rag_lab.data.records import Passage, QAExample
+from rag_lab.retrievers import build_retriever, cached_retrieve
 from rag_lab.retrievers.base import Hit
+from rag_lab.timings import record_index_builds
 
 
-def closed_book(examples: Sequence[QAExample], generator, **kwargs) -> list[dict]:
-    """The generator answers from its parameters alone."""
-    return generator.generate(examples, None, **kwargs)
+@dataclass(frozen=True)
+class Contexts:
+    """The retrieved passages of one question set, question by question, best first."""
+
+    hits: list[list[Hit]]
+    passages: list[list[Passage]]
+
+    def ids(self) -> list[list[str]]:
+        return [[h.passage_id for h in row] for row in self.hits]
 
 
-def contexts_from_hits(hits: Sequence[Sequence[Hit]], passages: Sequence[Passage], k: int | None = None) -> list[list[Passage]]:
+def contexts(retriever_cfg, passages: Sequence[Passage], k: int, *question_sets: Sequence[QAExample],
+             cache_dir: Path | None = None, show_progress: bool = True, corpus_label: str | None = None,
+             profile: str = "default") -> list[Contexts]:
+    """The top-`k` passages of `passages` for every question of each set, from the retriever that
+    `retriever_cfg` (a `RetrieverConfig`) describes; one `Contexts` per set, in order.
+
+    The retriever is built once (its index loaded from the cache when one was built over the same
+    corpus with the same settings); an empty question set gets empty contexts. With `corpus_label`,
+    an index built in this process is recorded in timings.csv under that corpus name.
+    """
+    retriever = build_retriever(retriever_cfg, passages, cache_dir=cache_dir, show_progress=show_progress)
+    if corpus_label is not None:
+        record_index_builds(retriever, corpus_label, profile)
+    out = []
+    for questions in question_sets:
+        hits = cached_retrieve(retriever, questions, k, cache_dir) if questions else []
+        out.append(Contexts(hits, contexts_from_hits(hits, passages)))
+    return out
+
+
+def contexts_from_hits(hits: Sequence[Sequence[Hit]], passages: Sequence[Passage]) -> list[list[Passage]]:
+    """The passages that `hits` name, looked up by id in `passages`."""
     by_id = {p.id: p for p in passages}
-    return [[by_id[h.passage_id] for h in row[:k]] for row in hits]
-
-
-def rag(examples: Sequence[QAExample], retriever, generator, k: int, **kwargs) -> list[dict]:
-    """Retrieve the top-k passages per question, then let the generator read them."""
-    hits = retriever.retrieve(examples, k)
-    preds = generator.generate(examples, contexts_from_hits(hits, retriever.passages), **kwargs)
-    for pred, row in zip(preds, hits):
-        pred["passage_ids"] = [h.passage_id for h in row]
-    return preds
+    return [[by_id[h.passage_id] for h in row] for row in hits]

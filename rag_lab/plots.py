@@ -1,18 +1,21 @@
 """Figures the notebooks show and save to results/figures/ (matplotlib, no seaborn)."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt  # headless runs fall back to Agg by themselves
+import numpy as np
 
+from rag_lab.analysis import ATTRIBUTION
+from rag_lab.budget import curves_table
 from rag_lab.io import atomic_write_bytes
+from rag_lab.retrieval_eval import recall_curve
 
 
 def recall_curves(evals: dict, ks: Sequence[int] | None = None, subset: bool = False, title: str | None = None):
     """recall@k against k, one line per retriever, shaded 95% bootstrap CI; log-scaled k."""
-    from rag_lab.retrieval_eval import recall_curve
-
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, ev in evals.items():
         curve = recall_curve(ev, ks, subset=subset)
@@ -33,8 +36,6 @@ def recall_curves(evals: dict, ks: Sequence[int] | None = None, subset: bool = F
 def recall_at_budget(curves, choose_at: int | None = None, title: str = ""):
     """Answer recall against the context budget (reader tokens), one line per (retriever,
     granularity), 95% CI bands; a dotted line at the budget the default rows use."""
-    from rag_lab.budget import curves_table
-
     table = curves_table(curves)
     fig, ax = plt.subplots(figsize=(6.8, 4.3))
     for setting, g in table.groupby("setting", sort=False):
@@ -54,8 +55,6 @@ def recall_at_budget(curves, choose_at: int | None = None, title: str = ""):
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Save atomically as PNG (the README and notebooks link these files)."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     atomic_write_bytes(path, buf.getvalue())
@@ -84,8 +83,6 @@ def metrics_vs_k(rows, metrics: Sequence[str] = ("em", "f1", "match", "recall@k"
 
 def metric_bars(table, metrics: Sequence[str] = ("em", "f1", "match"), label_col: str = "experiment", title: str = ""):
     """Grouped bars of metrics per row of a results table, with 95% CI error bars."""
-    import numpy as np
-
     fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(table) + 2), 4.2))
     x = np.arange(len(table))
     width = 0.8 / len(metrics)
@@ -143,8 +140,6 @@ def recall_vs_em(table, metric: str = "em", title: str = ""):
 
 def attribution_bars(attribution, title: str = ""):
     """Stacked bars: correct / correct without the answer in the passages / reader miss / retrieval miss."""
-    from rag_lab.analysis import ATTRIBUTION
-
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(attribution) + 2), 4.2))
     bottom = [0.0] * len(attribution)
     colors = ["#2a9d8f", "#8ab17d", "#e9c46a", "#e76f51"]

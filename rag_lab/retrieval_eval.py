@@ -2,6 +2,8 @@
 answer-in-corpus subset; rows for results/retrieval.{csv,md}."""
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -9,36 +11,19 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from rag_lab.budget import budget_curve, choose_setting, curves_table
+from rag_lab.config import GeneratorConfig, load_experiment
+from rag_lab.data import load_qa
 from rag_lab.data.records import Passage, QAExample
-from rag_lab.data.subsets import eval_set_name
-from rag_lab.metrics import answer_recall_at_k, bootstrap_ci, gold_spans, has_answer_normalized, padded_normalized
-from rag_lab.retrievers.base import Hit, passage_text
-
-KS = (1, 5, 10, 20, 100)
-
-
-class PassageAnswerChecker:
-    """has_answer(question, passage) with each passage normalised once, however often it is retrieved."""
-
-    def __init__(self, passages: Sequence[Passage]):
-        self.by_id = {p.id: p for p in passages}
-        self._normalized: dict[str, str] = {}
-
-    def text(self, passage_id: str) -> str:
-        if passage_id not in self._normalized:
-            self._normalized[passage_id] = padded_normalized(passage_text(self.by_id[passage_id]))
-        return self._normalized[passage_id]
-
-    def matrix(self, questions: Sequence[QAExample], hits: Sequence[Sequence[Hit]]) -> np.ndarray:
-        """(n_questions, max hits) bool: does the passage at each rank hold a gold answer?"""
-        width = max((len(h) for h in hits), default=0)
-        out = np.zeros((len(questions), width), dtype=bool)
-        for i, (q, row) in enumerate(zip(questions, hits)):
-            golds = gold_spans(q.answers)
-            for j, h in enumerate(row):
-                out[i, j] = has_answer_normalized(golds, self.text(h.passage_id))
-        return out
-
+from rag_lab.data.subsets import corpus_for, corpus_label, eval_set_name, subset_questions
+from rag_lab.generators import prompt_builder
+from rag_lab.metrics import AnswerInPassage, answer_recall_at_k, bootstrap_ci
+from rag_lab.models import load_tokenizer, resolve_model
+from rag_lab.paths import profile_results_dir
+from rag_lab.pipeline import Contexts, contexts
+from rag_lab.results import KS, display_budget_table, display_retrieval_table, upsert_rows
+from rag_lab.retrievers.base import Hit
+from rag_lab.runner import ensure_retriever_trained
 
 @dataclass
 class RetrievalEval:
@@ -55,9 +40,12 @@ class RetrievalEval:
         return answer_recall_at_k(m, ks)
 
 
-def evaluate_hits(name: str, eval_set: str, questions: Sequence[QAExample], hits, checker: PassageAnswerChecker) -> RetrievalEval:
+def evaluate_contexts(name: str, eval_set: str, questions: Sequence[QAExample], ctx: Contexts,
+                      holds: AnswerInPassage | None = None) -> RetrievalEval:
+    """Which ranks of each question's retrieved passages hold a gold answer."""
     in_corpus = np.array([bool(q.answer_in_corpus) for q in questions])
-    return RetrievalEval(name, eval_set, [q.id for q in questions], checker.matrix(questions, hits), in_corpus)
+    matrix = (holds or AnswerInPassage()).matrix(questions, ctx.passages)
+    return RetrievalEval(name, eval_set, [q.id for q in questions], matrix, in_corpus)
 
 
 def recall_row(ev: RetrievalEval, config: str, ks: Sequence[int] = KS, seed: int = 0) -> dict:
@@ -80,20 +68,6 @@ def recall_curve(ev: RetrievalEval, ks: Sequence[int] | None = None, subset: boo
     return pd.DataFrame(rows, columns=["k", "recall", "low", "high"]).assign(retriever=ev.name)
 
 
-def display_table(table: pd.DataFrame, ks: Sequence[int] = KS) -> pd.DataFrame:
-    """The CSV's numeric columns folded into 'mean [low, high]' strings for reading."""
-    from rag_lab.results import ci_column
-
-    out = table[["retriever", "eval_set", "n"]].copy()
-    for k in ks:
-        out[f"R@{k}"] = ci_column(table, f"R@{k}")
-    out["n (answer in corpus)"] = table["n_answer_in_corpus"]
-    for k in ks:
-        out[f"R@{k} (in corpus)"] = ci_column(table, f"R@{k}_in_corpus")
-    out["config"] = table["config"]
-    return out
-
-
 # ---------------------------------------------------------------- the study of notebook 01
 
 @dataclass
@@ -108,45 +82,31 @@ class StudyResult:
 
 
 def load_study_data(data_cfg) -> tuple[list[QAExample], list[Passage]]:
-    from rag_lab.data import load_qa
-    from rag_lab.data.subsets import corpus_for, subset_questions
-
     questions = subset_questions(load_qa(data_cfg.dataset, data_cfg.eval_split), data_cfg.n_eval, data_cfg.subset_seed)
-    passages = corpus_for(data_cfg, questions)
-    return questions, passages
+    return questions, corpus_for(data_cfg, questions)
 
 
 def run_retrieval_study(cfg, profile: str = "default", cache_dir: Path | None = None, show_progress: bool = True) -> StudyResult:
     """Train the dense retriever if a config needs it, retrieve for every configured retriever
     (results cached), score answer recall@k, and upsert one row each into results/retrieval.*"""
-    import dataclasses
-    import time
-
-    from rag_lab.data.subsets import corpus_label
-    from rag_lab.paths import profile_results_dir, repo_path
-    from rag_lab.results import upsert_rows
-    from rag_lab.retrievers import build_retriever, cached_retrieve
-    from rag_lab.timings import record_index_builds
-
     questions, passages = load_study_data(cfg.data)
-    checker, eval_set = PassageAnswerChecker(passages), eval_set_name(cfg.data, len(questions))
+    holds, eval_set = AnswerInPassage(), eval_set_name(cfg.data, len(questions))
     evals, hits, rows, timings = {}, {}, [], {}
     for name, rcfg in cfg.retrievers.items():
         t0 = time.perf_counter()
         if rcfg.kind in ("dense", "hybrid") and rcfg.encoder == cfg.train_retriever.output:
-            ensure_trained_retriever(cfg, passages, cache_dir, show_progress)
-        rcfg = dataclasses.replace(rcfg, encoder=repo_path(rcfg.encoder))
-        retriever = build_retriever(rcfg, passages, cache_dir=cache_dir, show_progress=show_progress)
-        record_index_builds(retriever, corpus_label(cfg.data), profile)
-        hits[name] = cached_retrieve(retriever, questions, cfg.depth, cache_dir)
-        evals[name] = evaluate_hits(name, eval_set, questions, hits[name], checker)
+            ensure_retriever_trained(cfg.train_retriever, cfg.data, passages, cache_dir, show_progress)
+        (ctx,) = contexts(rcfg, passages, cfg.depth, questions, cache_dir=cache_dir, show_progress=show_progress,
+                          corpus_label=corpus_label(cfg.data), profile=profile)
+        hits[name] = ctx.hits
+        evals[name] = evaluate_contexts(name, eval_set, questions, ctx, holds)
         timings[name] = time.perf_counter() - t0
         rows.append(recall_row(evals[name], describe(rcfg), cfg.ks))
     table = upsert_rows(profile_results_dir(profile) / "retrieval.csv", rows, key=("retriever", "eval_set"),
                         title="Answer recall@k of each retriever",
                         note=("Produced by `rag-lab retrieval experiments/retrieval.yaml` (notebook 01). "
                               "95% bootstrap CIs (1,000 resamples); 'in corpus' = questions whose answer occurs somewhere in the corpus."),
-                        render=lambda t: display_table(t, cfg.ks))
+                        render=lambda t: display_retrieval_table(t, cfg.ks))
     return StudyResult(table, pd.DataFrame(rows), evals, hits, questions, passages, timings)
 
 
@@ -159,39 +119,6 @@ def describe(rcfg) -> str:
         return dense
     fusion = f"rrf k={rcfg.rrf_k}" if rcfg.fusion == "rrf" else f"weighted w_dense={rcfg.dense_weight}"
     return f"bm25 + {dense}, {fusion}"
-
-
-def ensure_trained_retriever(cfg, passages: Sequence[Passage], cache_dir=None, show_progress: bool = True) -> Path:
-    """Fine-tune the dense retriever on the train split unless a model trained with this exact
-    config (recorded in rag_lab_training.json) is already at `train_retriever.output`."""
-    import dataclasses
-    import json
-
-    from rag_lab.data import load_qa
-    from rag_lab.data.subsets import subset_questions
-    from rag_lab.paths import REPO_ROOT
-    from rag_lab.retrievers import BM25Retriever
-    from rag_lab.training.retriever import TRAINING_FILE, mine_training_pairs, train_dense_retriever
-
-    tcfg = cfg.train_retriever
-    out = Path(tcfg.output) if Path(tcfg.output).is_absolute() else REPO_ROOT / tcfg.output
-    record = _jsonable({"train_retriever": dataclasses.asdict(tcfg), "data": dataclasses.asdict(cfg.data), "n_passages": len(passages)})
-    report = out / TRAINING_FILE  # written with the weights: the study's config is part of it
-    if report.exists() and json.loads(report.read_text(encoding="utf-8")).get("study_config") == record:
-        return out
-    train = subset_questions(load_qa(cfg.data.dataset, cfg.data.train_split), cfg.data.n_train, cfg.data.subset_seed)
-    bm25 = BM25Retriever(passages, cache_dir=cache_dir, show_progress=show_progress)
-    pairs, stats = mine_training_pairs(train, passages, bm25, depth=tcfg.mining_depth, n_hard_negatives=tcfg.n_hard_negatives)
-    train_dense_retriever(tcfg.base_encoder, pairs, out, epochs=tcfg.epochs, batch_size=tcfg.batch_size,
-                          learning_rate=tcfg.learning_rate, seed=tcfg.seed,
-                          notes={"study_config": record, "mining": _jsonable(stats)})
-    return out
-
-
-def _jsonable(obj):
-    import json
-
-    return json.loads(json.dumps(obj, default=str))
 
 
 def worked_examples(study: StudyResult, retriever: str, n: int = 3, top: int = 3) -> list[dict]:
@@ -243,20 +170,6 @@ class BudgetStudy:
 def run_budget_study(cfg, profile: str = "default", cache_dir: Path | None = None, show_progress: bool = True) -> BudgetStudy:
     """Recall at each context budget for every (retriever, passage granularity) of `cfg.budget`, on
     dev questions from the train split; results/recall_budget.{csv,md}."""
-    import dataclasses
-    import time
-
-    from rag_lab.budget import budget_curve, choose_setting, curves_table
-    from rag_lab.config import GeneratorConfig
-    from rag_lab.data import load_qa
-    from rag_lab.data.subsets import corpus_for, corpus_label, subset_questions
-    from rag_lab.generators import prompt_builder
-    from rag_lab.models import load_tokenizer, resolve_model
-    from rag_lab.paths import profile_results_dir, repo_path
-    from rag_lab.results import upsert_rows
-    from rag_lab.retrievers import build_retriever, cached_retrieve
-    from rag_lab.timings import record_index_builds
-
     b = cfg.budget
     dev_data = dataclasses.replace(cfg.data, eval_split=cfg.data.train_split, n_eval=b.n_dev)
     questions = subset_questions(load_qa(dev_data.dataset, dev_data.eval_split), b.n_dev, dev_data.subset_seed)
@@ -269,11 +182,9 @@ def run_budget_study(cfg, profile: str = "default", cache_dir: Path | None = Non
         granularity = "leads" if words is None else f"windows<={words}w"
         for name in b.retrievers:
             t0 = time.perf_counter()
-            rcfg = dataclasses.replace(cfg.retrievers[name], encoder=repo_path(cfg.retrievers[name].encoder))
-            retriever = build_retriever(rcfg, passages, cache_dir=cache_dir, show_progress=show_progress)
-            record_index_builds(retriever, corpus_label(data), profile)
-            hits = cached_retrieve(retriever, questions, b.depth, cache_dir)
-            curves.append(budget_curve(name, granularity, questions, hits, passages, builder, b.budgets))
+            (ctx,) = contexts(cfg.retrievers[name], passages, b.depth, questions, cache_dir=cache_dir,
+                              show_progress=show_progress, corpus_label=corpus_label(data), profile=profile)
+            curves.append(budget_curve(name, granularity, questions, ctx.passages, builder, b.budgets))
             timings[f"{name}, {granularity}"] = time.perf_counter() - t0
     rows = curves_table(curves).assign(eval_set=eval_set, reader=b.reader)
     table = upsert_rows(profile_results_dir(profile) / "recall_budget.csv", rows.to_dict("records"),
@@ -286,27 +197,12 @@ def run_budget_study(cfg, profile: str = "default", cache_dir: Path | None = Non
     return BudgetStudy(curves, table, best, ranking, eval_set, timings, b.choose_at)
 
 
-def display_budget_table(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per setting, one 'mean [low, high]' column per budget."""
-    from rag_lab.metrics import format_ci
-
-    out = {}
-    for (setting, eval_set), group in table.groupby(["setting", "eval_set"], sort=False):
-        row = {"setting": setting, "eval_set": eval_set, "n": int(group["n"].iloc[0])}
-        for r in group.sort_values("budget").itertuples():
-            row[f"{int(r.budget)} tokens"] = format_ci(r.recall, r.recall_low, r.recall_high)
-        out[setting, eval_set] = row
-    return pd.DataFrame(list(out.values()))
-
-
 RAG_ROWS = ("rag_zero_shot", "finetune_rag", "qwen_rag")  # the main table's RAG rows that follow the budget study
 
 
 def check_rag_rows_follow(study: BudgetStudy, experiments: Path, profile: str = "default") -> str:
     """Whether the main table's RAG rows use the setting the budget study found best (a message; a
     tiny smoke profile may disagree, and the committed default rows say why they use theirs)."""
-    from rag_lab.config import load_experiment
-
     best, lines = study.best, []
     for name in RAG_ROWS:
         cfg = load_experiment(experiments / f"{name}.yaml", profile)

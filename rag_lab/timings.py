@@ -17,11 +17,16 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
+import torch
+from safetensors import safe_open
+from torch import nn
 
 from rag_lab.paths import profile_results_dir
+from rag_lab.results import load_table, upsert_rows
 
 PRECISIONS = ("float32", "int8")
 PEAK_KEYS = {"float32": "float32_gflops", "int8": "int8_gops"}
@@ -45,8 +50,6 @@ def measure_peaks(repeats: int = 3) -> dict[str, float]:
     """{"float32_gflops", "int8_gops"}: best of `repeats` timed GEMM_N^3 products on the CPU with the
     process's torch threads, float32 and int8 side by side so both see the same machine load.
     Cached: every row a process records quotes the same peaks (a fresh process measures again)."""
-    import torch
-
     ops = 2.0 * GEMM_N**3  # a (m,k)x(k,n) GEMM is 2mkn operations
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(GEMM_N, GEMM_N, generator=gen)
@@ -62,8 +65,6 @@ def _int8_gemm(a, b):
     integer product, so int8_gops is the int8 GEMM rate. Where it is missing, fall back to fbgemm's
     dynamic-quantized linear, whose number then also includes quantising the float activations
     and dequantising the int32 output, so it slightly understates the GEMM rate."""
-    import torch
-
     qa, qb = (torch.clamp(x * 32, -128, 127).to(torch.int8) for x in (a, b))
     try:
         torch._int_mm(qa[:32, :32], qb[:32, :32])
@@ -111,8 +112,6 @@ def count_params(model, exclude_input_embeddings: bool = True) -> int:
     weights of every nn.Embedding (token, position, type tables): a lookup does no multiply-adds.
     A table that is also an nn.Linear's weight (an LM head tied to the token embeddings) stays,
     since the head is a real matmul at every generated token."""
-    from torch import nn
-
     params = {id(p): p for p in model.parameters()}
     if exclude_input_embeddings:
         lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -141,9 +140,6 @@ def checkpoint_params(folder) -> int:
     """`count_params` of a safetensors checkpoint folder, read from the file headers alone (no weights
     loaded; works for any backend): every tensor but the input embeddings, plus the embedding matrix
     once more when it is tied to the LM head (no lm_head tensor in the file)."""
-    from pathlib import Path
-
-    from safetensors import safe_open
 
     total, embed, has_head = 0, 0, False
     for path in sorted(Path(folder).glob("*.safetensors")):
@@ -187,8 +183,6 @@ def record(timing: StageTiming, profile: str = "default") -> dict:
     """Upsert one row (key: stage) of the profile's timings.csv and re-render timings.md. Both peaks go
     in every row, so each says what the machine measured in the run that wrote it. A compute stage
     without a precision is taken as float32 (torch's CPU default); one without FLOPs has no floor."""
-    from rag_lab.results import upsert_rows
-
     peaks = measure_peaks()
     nan = float("nan")
     row = {"stage": timing.stage, "wall_s": float(timing.wall_s), "flops": nan, "precision": timing.precision,
@@ -220,8 +214,6 @@ def timed(stage: str, profile: str = "default", precision: str | None = None, no
 
 def load_timings(profile: str = "default") -> pd.DataFrame:
     """The numeric table (empty, with the columns, before any stage is recorded)."""
-    from rag_lab.results import load_table
-
     path = timings_path(profile)
     return load_table(path) if path.exists() else pd.DataFrame(columns=list(COLUMNS))
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import make_tiny_causal_lm  # noqa: E402
 
-from rag_lab.training.generator import TrainSettings, build_sft_examples, train_generator  # noqa: E402
+from rag_lab.training.generator import TrainSettings, build_sft_examples, fit_generator  # noqa: E402
 
 out, per_device = Path(sys.argv[1]), int(sys.argv[2])
 model, tok = make_tiny_causal_lm(seed=0)
@@ -23,6 +23,6 @@ prompts = ["question who was king answer", "question what is paris answer", "que
 examples, _ = build_sft_examples(prompts, ["louis", "city", "germany", "year"], tok, add_special_tokens=False)
 settings = TrainSettings(learning_rate=1e-2, epochs=3, batch_size=per_device, eval_steps=100, group_by_length=False,
                          warmup_ratio=0.0, seed=0)
-report = train_generator(model, tok, examples, out / "ckpt", settings)
+report = fit_generator(model, tok, examples, out / "ckpt", settings)
 rank = int(os.environ.get("RANK", 0))
 save_file({k: v.contiguous() for k, v in report["model"].state_dict().items() if k != "lm_head.weight"}, str(out / f"rank{rank}.safetensors"))

@@ -93,7 +93,7 @@ def test_a_failed_conversion_leaves_nothing(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(ct2, "_convert_into", boom)
     with pytest.raises(ct2.BackendError, match="killed"):
         ct2.convert(tiny_checkpoint, "float32")
-    root = tiny_checkpoint.parent / "cache" / "ct2"
+    root = tiny_checkpoint.parent / "cache" / "models" / "ct2"
     assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
 
 
@@ -124,13 +124,11 @@ def test_int8_agrees_with_float32_on_the_packaged_reader():
     from rag_lab.config import RetrieverConfig
     from rag_lab.data import load_corpus, load_qa
     from rag_lab.metrics import score_predictions
-    from rag_lab.pipeline import contexts_from_hits
-    from rag_lab.retrievers import build_retriever
+    from rag_lab.pipeline import contexts as retrieve
 
     questions = [q for q in load_qa("nq-mini", "eval") if q.answer_in_corpus][:48]
     corpus = load_corpus("nq-mini")
-    oracle = build_retriever(RetrieverConfig(kind="oracle"), corpus, show_progress=False)
-    contexts = contexts_from_hits(oracle.retrieve(questions, 1), corpus)
+    contexts = retrieve(RetrieverConfig(kind="oracle"), corpus, 1, questions, show_progress=False)[0].passages
     answers = [q.answers for q in questions]
     em = {}
     for backend in ("transformers", "ctranslate2"):

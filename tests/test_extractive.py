@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForQuestionAnswering, BertModel, PreTra
 
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.generators.extractive import EMPTY_SPAN, ExtractiveReader, Span, best_span
-from rag_lab.retrievers.base import passage_text
+from rag_lab.data.records import passage_text
 
 NEG = float("-inf")
 

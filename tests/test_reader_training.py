@@ -14,9 +14,10 @@ from transformers import BertModel
 from rag_lab.config import DataConfig, ExperimentConfig, GeneratorConfig, RetrieverConfig, TrainingConfig
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.generators.extractive import ExtractiveReader, load_qa_model
-from rag_lab.retrievers.base import passage_text
+from rag_lab.data.records import passage_text
 from rag_lab.training.generator import CONFIG_FILE, RUNTIME_ONLY, TrainingError, TrainSettings
-from rag_lab.training.reader import build_reader_features, ensure_reader_trained, find_answer_spans, qa_collate, train_reader
+from rag_lab.runner import data_stage, train_stage
+from rag_lab.training.reader import build_reader_features, find_answer_spans, fit_reader, qa_collate
 from test_extractive import BERLIN, FRANCE, LOUIS, Q_FRANCE, make_bert_style_tokenizer, save_tiny_bert, tiny_bert_config
 
 
@@ -166,7 +167,7 @@ def test_training_lowers_the_loss_and_saves_a_reader_with_a_trained_head(tmp_pat
     features, _ = build_reader_features([q for q, _ in TRAIN], [c for _, c in TRAIN], tok, max_length=64)
     before = mean_loss(load_qa_model(base)[0], features, tok)
     # No dev set: the final model is the last step's (with one, it would be the best dev-EM checkpoint).
-    report = train_reader(base, features, [], None, tmp_path / "out", settings(), max_length=64, notes={"stats": "kept"})
+    report = fit_reader(base, features, [], None, tmp_path / "out", settings(), max_length=64, notes={"stats": "kept"})
     after = mean_loss(load_qa_model(report["final_dir"])[0], features, tok)
     assert after < 0.5 * before, (before, after)
     losses = [h["loss"] for h in report["log_history"] if "loss" in h]
@@ -187,7 +188,7 @@ def test_dev_em_is_computed_at_each_evaluation_and_picks_the_final_model(tmp_pat
     base = save_tiny_bert(tmp_path / "base", with_qa_head=False)
     tok = make_bert_style_tokenizer()
     features, _ = build_reader_features([q for q, _ in TRAIN], [c for _, c in TRAIN], tok, max_length=64)
-    report = train_reader(base, features, [q for q, _ in DEV], [c for _, c in DEV], tmp_path / "out",
+    report = fit_reader(base, features, [q for q, _ in DEV], [c for _, c in DEV], tmp_path / "out",
                           settings(epochs=5), max_length=64)
     history = report["dev_history"]
     assert [h["step"] for h in history] == [5, 10] and report["n_dev"] == 1 and report["n_dev_features"] == 2
@@ -207,25 +208,25 @@ def test_reader_training_refuses_lora_empty_data_and_a_foreign_checkpoint_folder
     tok = make_bert_style_tokenizer()
     features, _ = build_reader_features([Q_FRANCE], [[FRANCE]], tok, max_length=64)
     with pytest.raises(TrainingError, match="full"):
-        train_reader(base, features, [], None, tmp_path / "a", settings(method="lora"))
+        fit_reader(base, features, [], None, tmp_path / "a", settings(method="lora"))
     with pytest.raises(TrainingError, match="empty"):
-        train_reader(base, [], [], None, tmp_path / "a", settings())
+        fit_reader(base, [], [], None, tmp_path / "a", settings())
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / CONFIG_FILE).write_text(json.dumps({"learning_rate": 1.0}))
     with pytest.raises(TrainingError, match="different config"):
-        train_reader(base, features, [], None, tmp_path / "b", settings(), max_length=64)
+        fit_reader(base, features, [], None, tmp_path / "b", settings(), max_length=64)
 
 
 def test_a_dev_set_with_no_answer_in_its_passages_warns_and_trains_without_dev(tmp_path):
     base = save_tiny_bert(tmp_path / "base", with_qa_head=True)
     features, _ = build_reader_features([Q_FRANCE], [[FRANCE]], make_bert_style_tokenizer(), max_length=64)
     with pytest.warns(UserWarning, match="training without a dev set"):
-        report = train_reader(base, features, [QAExample("d", "who was king?", ("Napoleon",))], [[LOUIS]],
+        report = fit_reader(base, features, [QAExample("d", "who was king?", ("Napoleon",))], [[LOUIS]],
                               tmp_path / "a", settings(epochs=2), max_length=64)
     assert report["n_dev"] == 0 and report["dev_history"] == [] and report["global_step"] == 2
 
 
-# ---------------------------------------------------------------- ensure_reader_trained
+# ---------------------------------------------------------------- the runner's train stage for regime "reader"
 
 def save_tiny_encoder(path) -> str:
     """A tiny random BERT encoder (no QA head) with room for the 384-token window the reader trains on."""
@@ -237,7 +238,7 @@ def save_tiny_encoder(path) -> str:
     tok.save_pretrained(path)
     return str(path)
 
-def test_ensure_reader_trained_trains_on_retrieved_passages_then_reuses(tmp_path, monkeypatch):
+def test_reader_train_stage_trains_on_retrieved_passages_then_reuses(tmp_path, monkeypatch):
     monkeypatch.setenv("RAG_LAB_CACHE", str(tmp_path / "cache"))  # BM25 index and retrieval results
     base = save_tiny_encoder(tmp_path / "base")
     cfg = ExperimentConfig(
@@ -247,14 +248,12 @@ def test_ensure_reader_trained_trains_on_retrieved_passages_then_reuses(tmp_path
         generator=GeneratorConfig(kind="extractive", model=base),
         training=TrainingConfig(enabled=True, epochs=1, batch_size=8, eval_steps=2, dev_size=8,
                                 output=str(tmp_path / "train")))
-    final, info = ensure_reader_trained(cfg, seed=0, show_progress=False)
+    final, info = train_stage(cfg, data_stage(cfg), seed=0, show_progress=False)
     assert final == tmp_path / "train" / "seed0" / "final" and (final / "model.safetensors").exists()
     stats = info["stats"]
     assert stats["n_questions"] == info["n_train_questions"] == 12 and stats["n_positive"] > 0
     assert stats["n_features"] == stats["n_positive"] + stats["n_negative"] == info["n_train"]
     assert info["n_dev"] == 8 and info["global_step"] >= 1
     mtime = (final / "model.safetensors").stat().st_mtime_ns
-    again, info2 = ensure_reader_trained(cfg, seed=0, show_progress=False)
+    again, info2 = train_stage(cfg, data_stage(cfg), seed=0, show_progress=False)
     assert again == final and info2 == info and (final / "model.safetensors").stat().st_mtime_ns == mtime
-    with pytest.raises(ValueError, match="regime 'reader'"):
-        ensure_reader_trained(ExperimentConfig(regime="rag", retriever=RetrieverConfig(kind="bm25")), seed=0)

@@ -18,7 +18,9 @@ from rag_lab.data import Passage, QAExample
 from rag_lab.metrics import has_answer
 from rag_lab.models import load_sentence_encoder
 from rag_lab.retrievers import BM25Retriever
-from rag_lab.training import TrainPair, contrastive_loss, mine_training_pairs, train_dense_retriever
+from rag_lab.pipeline import contexts_from_hits
+from rag_lab.training import TrainPair, contrastive_loss, mine_training_pairs
+from rag_lab.training.retriever import fit_dense_retriever
 from rag_lab.training.retriever import TRAINING_FILE, _columns
 
 CORPUS = [
@@ -47,10 +49,15 @@ def bm25(tmp_path_factory):
 # ----------------------------------------------------------------------------- mining
 
 
+def ranked(bm25, questions, depth):
+    """Each question's BM25 top-`depth` passages, best first (what `pipeline.contexts` returns)."""
+    return contexts_from_hits(bm25.retrieve(questions, depth), CORPUS)
+
+
 def test_mining_positives_have_answers_negatives_do_not(bm25):
-    pairs, stats = mine_training_pairs(QUESTIONS, CORPUS, bm25, depth=10, n_hard_negatives=1)
+    pairs, stats = mine_training_pairs(QUESTIONS, ranked(bm25, QUESTIONS, 10), n_hard_negatives=1)
     assert stats == {"n_questions": 5, "n_pairs": 4, "skipped_no_positive": 1, "skipped_no_negative": 0,
-                     "depth": 10, "n_hard_negatives": 1}
+                     "depth": 7, "n_hard_negatives": 1}  # the deepest ranking: 7 passages in all
     by_q = {p.question_id: p for p in pairs}
     assert set(by_q) == {"q0", "q1", "q2", "q3"}  # q4 (Homer) is skipped, not a crash
     assert by_q["q0"].positive_id == "p1" and by_q["q1"].positive_id == "p2"
@@ -63,25 +70,25 @@ def test_mining_positives_have_answers_negatives_do_not(bm25):
 
 
 def test_mining_takes_highest_ranked_without_answer_as_negative(bm25):
-    pairs, _ = mine_training_pairs(QUESTIONS[:1], CORPUS, bm25, depth=10, n_hard_negatives=2)
+    pairs, _ = mine_training_pairs(QUESTIONS[:1], ranked(bm25, QUESTIONS[:1], 10), n_hard_negatives=2)
     ranking = [h.passage_id for h in bm25.retrieve(QUESTIONS[:1], 10)[0]]
     without_answer = [pid for pid in ranking if pid not in ("p1",)]  # only p1 mentions Paris
     assert pairs[0].negative_ids == tuple(without_answer[:2])
 
 
 def test_mining_is_deterministic_and_counts_short_rankings(bm25):
-    first = mine_training_pairs(QUESTIONS, CORPUS, bm25, depth=10, n_hard_negatives=1)
-    assert first == mine_training_pairs(QUESTIONS, CORPUS, bm25, depth=10, n_hard_negatives=1)
+    first = mine_training_pairs(QUESTIONS, ranked(bm25, QUESTIONS, 10), n_hard_negatives=1)
+    assert first == mine_training_pairs(QUESTIONS, ranked(bm25, QUESTIONS, 10), n_hard_negatives=1)
     # 7 passages in all: at most 6 can be negatives, so asking for 7 skips every question
-    _, stats = mine_training_pairs(QUESTIONS, CORPUS, bm25, depth=10, n_hard_negatives=7)
+    _, stats = mine_training_pairs(QUESTIONS, ranked(bm25, QUESTIONS, 10), n_hard_negatives=7)
     assert stats["n_pairs"] == 0 and stats["skipped_no_negative"] == 4 and stats["skipped_no_positive"] == 1
-    pairs, _ = mine_training_pairs(QUESTIONS, CORPUS, bm25, depth=10, n_hard_negatives=0)
+    pairs, _ = mine_training_pairs(QUESTIONS, ranked(bm25, QUESTIONS, 10), n_hard_negatives=0)
     assert all(p.negatives == () for p in pairs)
 
 
-def test_mining_rejects_a_foreign_corpus(bm25):
-    with pytest.raises(ValueError, match="different corpus"):
-        mine_training_pairs(QUESTIONS, CORPUS[:2], bm25, depth=10)
+def test_mining_needs_one_ranking_per_question(bm25):
+    with pytest.raises(ValueError, match="4 questions but 1 contexts"):
+        mine_training_pairs(QUESTIONS[:4], ranked(bm25, QUESTIONS[:1], 10))
 
 
 def test_columns_name_negatives_for_mnrl():
@@ -151,7 +158,7 @@ def test_contrastive_loss_matches_reference_infonce(tiny_encoder):
 def test_training_lowers_the_loss_and_saves_a_loadable_encoder(tiny_encoder, tmp_path):
     pairs = synthetic_pairs()
     out = tmp_path / "trained"
-    report = train_dense_retriever(str(tiny_encoder), pairs, out, epochs=2, batch_size=8, learning_rate=1e-3,
+    report = fit_dense_retriever(str(tiny_encoder), pairs, out, epochs=2, batch_size=8, learning_rate=1e-3,
                                    warmup_ratio=0.0, max_length=32, logging_steps=1)
     assert report["steps"] == 4 and report["n_pairs"] == 16
     assert report["loss_after"] < report["loss_before"]
@@ -167,9 +174,9 @@ def test_training_lowers_the_loss_and_saves_a_loadable_encoder(tiny_encoder, tmp
 
 def test_training_refuses_bad_arguments(tiny_encoder, tmp_path):
     with pytest.raises(ValueError, match="at least one pair"):
-        train_dense_retriever(str(tiny_encoder), [], tmp_path / "x")
+        fit_dense_retriever(str(tiny_encoder), [], tmp_path / "x")
     with pytest.raises(ValueError, match="warmup_ratio"):
-        train_dense_retriever(str(tiny_encoder), synthetic_pairs(), tmp_path / "x", warmup_ratio=5)
+        fit_dense_retriever(str(tiny_encoder), synthetic_pairs(), tmp_path / "x", warmup_ratio=5)
     assert not (tmp_path / "x").exists()
 
 
@@ -181,8 +188,8 @@ def test_mining_on_nq_mini_train(tmp_path):
     from rag_lab.data import load_corpus, load_qa
 
     questions, passages = load_qa("nq-mini", "train"), load_corpus("nq-mini")
-    pairs, stats = mine_training_pairs(questions, passages, BM25Retriever(passages, cache_dir=tmp_path,
-                                                                          show_progress=False))
+    bm25 = BM25Retriever(passages, cache_dir=tmp_path, show_progress=False)
+    pairs, stats = mine_training_pairs(questions, contexts_from_hits(bm25.retrieve(questions, 100), passages))
     print(stats)
     assert stats["n_questions"] == len(questions) == 1800
     assert stats["n_pairs"] > 300 and stats["skipped_no_positive"] > 0

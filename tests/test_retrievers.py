@@ -5,7 +5,8 @@ import torch
 
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.io import DataError
-from rag_lab.retrieval_eval import PassageAnswerChecker, evaluate_hits, recall_row
+from rag_lab.pipeline import Contexts, contexts_from_hits
+from rag_lab.retrieval_eval import evaluate_contexts, recall_row
 from rag_lab.retrievers import BM25Retriever, DenseRetriever, HybridRetriever, Hit, build_faiss_index, cached_retrieve, rrf_fuse, weighted_fuse
 from tiny_models import make_tiny_tokenizer
 
@@ -172,7 +173,7 @@ def test_recall_rows_on_a_hand_built_example():
                  QAExample("c", "q", ("Tokyo",), False)]
     hits = [[Hit("Berlin#0", 1, 1), Hit("Paris#0", 0.5, 2)], [Hit("Seine#0", 1, 1), Hit("Alps#0", 0.1, 2)],
             [Hit("Alps#0", 1, 1), Hit("Rhine#0", 0.5, 2)]]
-    ev = evaluate_hits("toy", "toy n=3", questions, hits, PassageAnswerChecker(PASSAGES))
+    ev = evaluate_contexts("toy", "toy n=3", questions, Contexts(hits, contexts_from_hits(hits, PASSAGES)))
     assert ev.matrix.tolist() == [[False, True], [True, False], [False, False]]
     row = recall_row(ev, "cfg", ks=[1, 2])
     assert row["R@1"] == pytest.approx(1 / 3) and row["R@2"] == pytest.approx(2 / 3)

@@ -149,7 +149,7 @@ def test_concurrent_upserts_lose_no_row(tmp_path):
 
 
 def test_main_table_rows_read_in_regime_order(tmp_path):
-    from rag_lab.runner import in_regime_order
+    from rag_lab.results import in_regime_order
 
     table = pd.DataFrame({"experiment": ["reader_x", "rag_k10", "rag_k3", "cb_ft", "rag_ft", "cb"],
                           "regime": ["reader", "rag", "rag", "closed_book_ft", "rag_ft", "closed_book"]})

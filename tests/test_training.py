@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 
 from rag_lab.training.generator import (IGNORE, TrainingError, TrainSettings, answer_logits_collate, answer_logits_loss,
                                         apply_lora, build_sft_examples, keeps_logits_at_positions, pad_collate,
-                                        padding_fraction, train_generator)
+                                        padding_fraction, fit_generator)
 from tiny_models import make_tiny_causal_lm
 
 PROMPTS = ["question who was king answer", "question what is the capital of france answer",
@@ -96,7 +96,7 @@ def test_training_lowers_the_loss(tmp_path):
     model, tok = make_tiny_causal_lm()
     examples, _ = build_sft_examples(PROMPTS, ANSWERS, tok)
     before = mean_loss(model, examples)
-    report = train_generator(model, tok, examples, tmp_path / "out", settings(epochs=3))
+    report = fit_generator(model, tok, examples, tmp_path / "out", settings(epochs=3))
     assert mean_loss(report["model"], examples) < before - 0.5
     assert report["global_step"] == 9
 
@@ -113,29 +113,29 @@ class InterruptAt(TrainerCallback):
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     _, tok = make_tiny_causal_lm()
     examples, _ = build_sft_examples(PROMPTS, ANSWERS, tok)
-    straight = train_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "a", settings())["model"]
+    straight = fit_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "a", settings())["model"]
 
     import rag_lab.training.generator as gen
 
     real_cls = gen.StopOnNonFiniteLoss
     monkeypatch.setattr(gen, "StopOnNonFiniteLoss", lambda: InterruptAt(5))  # dies after checkpoint-4
     with pytest.raises(KeyboardInterrupt):
-        train_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "b", settings())
+        fit_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "b", settings())
     assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     monkeypatch.setattr(gen, "StopOnNonFiniteLoss", real_cls)
-    resumed = train_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "b", settings())["model"]
+    resumed = fit_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "b", settings())["model"]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
     with pytest.raises(TrainingError, match="differing keys: learning_rate"):
-        train_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "b", settings(learning_rate=1e-3))
+        fit_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "b", settings(learning_rate=1e-3))
 
 
 def test_runtime_options_keep_the_weights(tmp_path, monkeypatch):
     """Gradient checkpointing and model-only checkpoints change how a run goes, not what it learns."""
     _, tok = make_tiny_causal_lm()
     examples, _ = build_sft_examples(PROMPTS, ANSWERS, tok)
-    straight = train_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "a", settings())["model"]
+    straight = fit_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "a", settings())["model"]
     lean = settings(gradient_checkpointing=True, save_optimizer=False)
 
     import rag_lab.training.generator as gen
@@ -143,11 +143,11 @@ def test_runtime_options_keep_the_weights(tmp_path, monkeypatch):
     real_cls = gen.StopOnNonFiniteLoss
     monkeypatch.setattr(gen, "StopOnNonFiniteLoss", lambda: InterruptAt(5))
     with pytest.raises(KeyboardInterrupt):
-        train_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "b", lean)
+        fit_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "b", lean)
     checkpoint = tmp_path / "b" / "checkpoint-4"
     assert (checkpoint / "model.safetensors").exists() and not (checkpoint / "optimizer.pt").exists()
     monkeypatch.setattr(gen, "StopOnNonFiniteLoss", real_cls)
-    report = train_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "b", lean)  # starts over: no optimizer state
+    report = fit_generator(make_tiny_causal_lm()[0], tok, examples, tmp_path / "b", lean)  # starts over: no optimizer state
     assert report["global_step"] == 6
     for (name, a), b in zip(straight.state_dict().items(), report["model"].state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
@@ -171,7 +171,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     examples, _ = build_sft_examples(PROMPTS, ANSWERS, tok)
     import rag_lab.training.generator as gen
 
-    real = gen.train_generator.__globals__["StopOnNonFiniteLoss"]
+    real = gen.fit_generator.__globals__["StopOnNonFiniteLoss"]
 
     class Both(real):
         def __init__(self):
@@ -182,7 +182,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
 
     monkeypatch.setattr(gen, "StopOnNonFiniteLoss", Both)
     with pytest.raises(TrainingError, match=r"training loss became nan at step 4"):
-        train_generator(model, tok, examples, tmp_path / "out", settings())
+        fit_generator(model, tok, examples, tmp_path / "out", settings())
     good = load_file(str(tmp_path / "out" / "checkpoint-2" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in good.values())
     assert not (tmp_path / "out" / "checkpoint-4").exists()
@@ -215,7 +215,7 @@ def test_lora_training_runs_and_merges(tmp_path):
     model, tok = make_tiny_causal_lm()
     examples, _ = build_sft_examples(PROMPTS, ANSWERS, tok)
     before = mean_loss(model, examples)
-    report = train_generator(model, tok, examples, tmp_path / "out", settings(method="lora", learning_rate=5e-2, epochs=3))
+    report = fit_generator(model, tok, examples, tmp_path / "out", settings(method="lora", learning_rate=5e-2, epochs=3))
     assert not any("lora" in n for n, _ in report["model"].named_parameters())
     assert mean_loss(report["model"], examples) < before
 

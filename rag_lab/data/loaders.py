@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+import pandas as pd
+
 from rag_lab.data.records import Passage, QAExample, passage_from_row, qa_from_row
 from rag_lab.io import DataError, read_jsonl
 
@@ -32,8 +34,6 @@ def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise DataError(f"{path}: record {i} is not an object")
             yield f"{path}: record {i}", row
     elif name.endswith(".parquet"):
-        import pandas as pd
-
         for i, row in enumerate(pd.read_parquet(path).to_dict("records")):
             row = {k: (list(v) if hasattr(v, "tolist") and not isinstance(v, str) else v) for k, v in row.items()}
             yield f"{path}: row {i}", row
@@ -76,7 +76,7 @@ def _check_unique(ids: list[str], path: Path, what: str) -> None:
 
 def load_hub_qa(hub_id: str, split: str, config: str | None = None) -> list[QAExample]:
     """Load a QA split from the Hugging Face hub (needs network), e.g. ("nq_open", "validation")."""
-    import datasets
+    import datasets  # why: ~2 s to import, and only hub datasets need it
 
     ds = datasets.load_dataset(hub_id, config, split=split)
     prefix = f"{hub_id.split('/')[-1]}-{split}"
@@ -85,7 +85,7 @@ def load_hub_qa(hub_id: str, split: str, config: str | None = None) -> list[QAEx
 
 def load_hub_corpus(hub_id: str, split: str = "train", config: str | None = None) -> list[Passage]:
     """Load passages from a hub dataset with `text` (and `title`, `id`) columns (needs network)."""
-    import datasets
+    import datasets  # why: ~2 s to import, and only hub datasets need it
 
     ds = datasets.load_dataset(hub_id, config, split=split)
     return [passage_from_row(dict(row), f"{hub_id}[{split}] row {i}", str(i)) for i, row in enumerate(ds)]

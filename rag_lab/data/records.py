@@ -36,6 +36,11 @@ class Passage:
         return asdict(self)
 
 
+def passage_text(p: Passage) -> str:
+    """How every component reads a passage: the title is part of it, as in DPR ("title. text")."""
+    return f"{p.title}. {p.text}" if p.title else p.text
+
+
 def qa_from_row(row: dict[str, Any], where: str, default_id: str) -> QAExample:
     """Build a QAExample from a raw row; `where` ("file:line") goes into every error.
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+from rag_lab.data.chunking import window_passages
+from rag_lab.data import load_corpus
 from rag_lab.data.records import Passage, QAExample
-from rag_lab.metrics import gold_spans, has_answer_normalized, padded_normalized
+from rag_lab.metrics import AnswerInPassage
 
 
 def eval_set_name(data_cfg, n: int) -> str:
@@ -29,9 +31,6 @@ def subset_questions(questions: Sequence[QAExample], n: int | None, seed: int = 
 def corpus_for(data_cfg, questions: Sequence[QAExample]) -> list[Passage]:
     """The passages an experiment reads: `data.corpus`, split into sentence windows when
     `data.window_words` is set, then cut to `data.n_corpus` (keeping answers to `questions`)."""
-    from rag_lab.data import load_corpus
-    from rag_lab.data.chunking import window_passages
-
     passages = load_corpus(data_cfg.corpus)
     if data_cfg.window_words:
         passages = window_passages(passages, data_cfg.window_words)
@@ -49,12 +48,8 @@ def subset_corpus(passages: Sequence[Passage], questions: Sequence[QAExample], n
     still has something to find), the rest a seeded random sample; original order kept."""
     if n is None or n >= len(passages):
         return list(passages)
-    golds = [gold_spans(q.answers) for q in questions]
-    with_answer = []
-    for i, p in enumerate(passages):
-        text = padded_normalized(f"{p.title} {p.text}")
-        if any(has_answer_normalized(g, text) for g in golds):
-            with_answer.append(i)
+    holds = AnswerInPassage()
+    with_answer = [i for i, p in enumerate(passages) if any(holds(q.answers, p) for q in questions)]
     rng = random.Random(seed)
     chosen = set(rng.sample(with_answer, min(len(with_answer), n // 2)))
     rest = [i for i in range(len(passages)) if i not in chosen]

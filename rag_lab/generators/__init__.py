@@ -1,14 +1,23 @@
-"""Generators with one interface: `generate(examples, contexts=None) -> list[prediction dict]`.
+"""Generators with one interface, resumable the same way whatever the engine:
 
-    gen = build_generator(cfg.generator, train_examples)   # from an experiment config
+    gen = build_generator(cfg.generator, train_examples)   # from a GeneratorConfig
     preds = gen.generate(questions)                         # closed-book
     preds = gen.generate(questions, contexts=passages)      # RAG: one passage list per question
+    preds = gen.generate(questions, contexts, done=done, on_batch=log)   # resume: skip what `done` holds
+
+`done` maps example indices already answered to the records `on_batch(indices, records)` reported
+for them (JSON values: the raw text for the decoders, the span for the extractive reader), so the
+runner can log finished batches and restart a killed run where it stopped. Every generator also
+has `token_counts(preds)` and `precision` for the timings table.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+from rag_lab import models
 from rag_lab.data.records import QAExample
+from rag_lab.generators.ct2 import CT2DecoderGenerator, load_ct2_generator
+from rag_lab.generators.extractive import ExtractiveReader
 from rag_lab.generators.hf import DecoderGenerator, HFGenerator, Seq2SeqGenerator, length_sorted_batches
 from rag_lab.generators.postprocess import clean_answer
 from rag_lab.generators.prompts import Prompt, PromptBuilder, sample_demonstrations
@@ -21,14 +30,10 @@ def prompt_builder(cfg, tokenizer, demonstrations: Sequence[QAExample] = ()) -> 
 
 
 def build_generator(cfg, train: Sequence[QAExample] = (), seed: int = 0, model_path: str | None = None):
-    """A generator from a `GeneratorConfig`; demonstrations are drawn from `train` with `seed`."""
-    from rag_lab import models
-    from rag_lab.paths import repo_path
-
-    name = repo_path(model_path or cfg.model)
+    """A generator from a `GeneratorConfig`; demonstrations are drawn from `train` with `seed`.
+    `model_path` (a fine-tuned checkpoint) replaces `cfg.model`."""
+    name = model_path or cfg.model
     if cfg.kind == "extractive":
-        from rag_lab.generators.extractive import ExtractiveReader
-
         return ExtractiveReader(name, batch_size=cfg.batch_size)
     loaders = {"decoder": (models.load_causal_lm, DecoderGenerator), "seq2seq": (models.load_seq2seq_lm, Seq2SeqGenerator)}
     if cfg.kind not in loaders:
@@ -36,8 +41,6 @@ def build_generator(cfg, train: Sequence[QAExample] = (), seed: int = 0, model_p
     load, cls = loaders[cfg.kind]
     extra = {}
     if cfg.backend == "ctranslate2":
-        from rag_lab.generators.ct2 import CT2DecoderGenerator, load_ct2_generator
-
         path = models.resolve_model(name)
         model, extra["compute_type"] = load_ct2_generator(path, cfg.ct2_compute_type)  # converted once and cached
         tokenizer, cls = models.load_tokenizer(str(path), padding_side="left"), CT2DecoderGenerator
@@ -48,5 +51,5 @@ def build_generator(cfg, train: Sequence[QAExample] = (), seed: int = 0, model_p
                strip_prefixes=cfg.strip_prefixes, **extra)
 
 
-__all__ = ["DecoderGenerator", "Seq2SeqGenerator", "HFGenerator", "Prompt", "PromptBuilder", "build_generator", "prompt_builder",
+__all__ = ["CT2DecoderGenerator", "DecoderGenerator", "ExtractiveReader", "Seq2SeqGenerator", "HFGenerator", "Prompt", "PromptBuilder", "build_generator", "prompt_builder",
            "clean_answer", "length_sorted_batches", "sample_demonstrations"]

@@ -18,9 +18,15 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+import torch
+from filelock import FileLock
+
 from rag_lab.config import CT2_COMPUTE_TYPES as COMPUTE_TYPES
 from rag_lab.generators.hf import HFGenerator
 from rag_lab.generators.prompts import Prompt, PromptBuilder
+from rag_lab.io import stable_hash
+from rag_lab.models import model_fingerprint
+from rag_lab.paths import cache_dir
 
 CONVERTED_MARK = "rag_lab_ct2.json"  # written last: a folder without it is not a finished conversion
 
@@ -34,7 +40,7 @@ def require_ctranslate2():
     if importlib.util.find_spec("ctranslate2") is None:
         raise BackendError("generator.backend: ctranslate2 needs the ctranslate2 package, which is not installed; "
                            "install it with: pip install 'ctranslate2>=4.5' (or use generator.backend: transformers)")
-    import ctranslate2
+    import ctranslate2  # why: optional backend; a clear BackendError when it is missing
 
     return ctranslate2
 
@@ -49,8 +55,6 @@ def resolve_compute_type(compute_type: str, device: str) -> str:
 
 
 def default_device() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -59,18 +63,13 @@ def convert(model_dir: Path, quantization: str) -> Path:
 
     The key is the checkpoint's fingerprint, the quantization and the ctranslate2 version;
     builders serialise on a file lock and a folder appears only by renaming a complete one."""
-    from filelock import FileLock
-
-    from rag_lab.models import cache_dir, model_fingerprint
-    from rag_lab.retrievers.base import stable_hash
-
     ctranslate2 = require_ctranslate2()
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise BackendError(f"generator.backend: ctranslate2 converts a local checkpoint folder with a config.json; "
                            f"{model_dir} has none (hub ids: download the model first, or use backend: transformers)")
     key = stable_hash({"model": model_fingerprint(model_dir), "quantization": quantization, "ct2": ctranslate2.__version__})
-    root = cache_dir() / "ct2"
+    root = cache_dir("models") / "ct2"
     target = root / f"{model_dir.name}-{quantization}-{key[:16]}"
     if (target / CONVERTED_MARK).is_file():
         return target
@@ -90,7 +89,7 @@ def convert(model_dir: Path, quantization: str) -> Path:
 
 
 def _convert_into(model_dir: Path, out: Path, quantization: str) -> None:
-    from ctranslate2.converters import TransformersConverter
+    from ctranslate2.converters import TransformersConverter  # why: optional backend (require_ctranslate2 checked it)
 
     try:
         TransformersConverter(str(model_dir), low_cpu_mem_usage=True).convert(str(out), quantization=quantization)
@@ -114,6 +113,7 @@ class CT2DecoderGenerator(HFGenerator):
 
     def __init__(self, generator, tokenizer, prompt_builder: PromptBuilder, compute_type: str = "", **kwargs):
         self.generator, self.compute_type = generator, compute_type  # the resolved one (timings: int8 or float)
+        self.precision = "int8" if compute_type.startswith("int8") else "float32"
         super().__init__(None, tokenizer, prompt_builder, **kwargs)  # no torch model: CT2 holds the weights
         self.stats["new_tokens"] = 0
 
@@ -143,8 +143,6 @@ class CT2DecoderGenerator(HFGenerator):
 
 def load_ct2_generator(model_dir: Path, compute_type: str = "auto", device: str | None = None):
     """(ctranslate2.Generator, resolved compute type) for a local checkpoint, converting it once."""
-    import torch
-
     ctranslate2 = require_ctranslate2()
     device = device or default_device()
     compute = resolve_compute_type(compute_type, device)

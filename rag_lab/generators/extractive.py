@@ -20,14 +20,15 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-from rag_lab.data.records import Passage, QAExample
-from rag_lab.retrievers.base import passage_text
+from rag_lab.data.records import Passage, QAExample, passage_text
+from rag_lab.models import resolve_model
 
 # Seed for a randomly initialised QA head, so that even an untrained reader gives the same
 # spans run after run (the caller's RNG is left untouched: see `load_qa_model`).
@@ -44,6 +45,16 @@ class Span:
 
 
 EMPTY_SPAN = Span(text="", score=float("-inf"), passage_id="", start_char=0, end_char=0)
+
+
+def span_record(span: Span) -> list:
+    """A span as the JSON value a resumable run logs (`generate(on_batch=...)`); -inf as None."""
+    return [span.text, span.score if math.isfinite(span.score) else None, span.passage_id, span.start_char, span.end_char]
+
+
+def span_from_record(record: Sequence) -> Span:
+    text, score, passage_id, start, end = record
+    return Span(text, float("-inf") if score is None else float(score), passage_id, int(start), int(end))
 
 
 def best_span(start_logits: np.ndarray, end_logits: np.ndarray, context_mask: np.ndarray,
@@ -80,10 +91,6 @@ def load_qa_model(name_or_path: str):
     A missing `qa_outputs` head is initialised from HEAD_INIT_SEED inside fork_rng, so it is
     reproducible without reseeding the caller's global RNG.
     """
-    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
-
-    from rag_lab.models import resolve_model
-
     path = str(resolve_model(name_or_path))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(HEAD_INIT_SEED)
@@ -121,43 +128,84 @@ class ExtractiveReader:
         """The best span for one question over its passages (EMPTY_SPAN if there are none)."""
         return self._read_groups([question], [passages], show_progress=False)[0]
 
+    precision = "float32"
+
     def generate(self, examples: Sequence[QAExample], contexts: Sequence[Sequence[Passage]] | None = None,
-                 show_progress: bool = False) -> list[dict]:
+                 show_progress: bool = False, done: Mapping[int, Sequence] | None = None,
+                 on_batch: Callable[[list[int], list[list]], None] | None = None) -> list[dict]:
         """One prediction dict per example, in input order: id, raw, prediction, passage_id, score.
 
         An example with no passages predicts "" with passage_id and score None (None, not
-        -inf, so that the predictions stay valid JSON).
+        -inf, so that the predictions stay valid JSON). Resumable like every generator: `done`
+        maps example indices to the `span_record`s that `on_batch(indices, records)` reported
+        for them; the batch plan over (question, passage) pairs is the same on every run, and a
+        batch is skipped only when all its pairs belong to answered examples.
         """
         if contexts is None:
             raise ValueError("ExtractiveReader.generate needs contexts (one list of passages per example): "
                              "an extractive reader can only copy its answer out of passages, it has no closed-book mode")
         if len(contexts) != len(examples):
             raise ValueError(f"{len(examples)} examples but {len(contexts)} contexts")
-        spans = self._read_groups([e.question for e in examples], contexts, show_progress)
+        spans = self._read_groups([e.question for e in examples], contexts, show_progress, done, on_batch)
         return [_prediction(e, s) for e, s in zip(examples, spans)]
 
-    def _read_groups(self, questions: Sequence[str], contexts: Sequence[Sequence[Passage]],
-                     show_progress: bool) -> list[Span]:
-        """Best span per question; all (question, passage) pairs are batched together."""
+    def token_counts(self, preds: Sequence[dict]) -> dict[str, int]:
+        """Empty: the reader writes no tokens, and timings.csv's 2 N per token read/written FLOP
+        count is a decoder's; its cost is recorded as time alone."""
+        return {}
+
+    def _read_groups(self, questions: Sequence[str], contexts: Sequence[Sequence[Passage]], show_progress: bool,
+                     done: Mapping[int, Sequence] | None = None, on_batch=None) -> list[Span]:
+        """Best span per question; all (question, passage) pairs are batched together. A question
+        is decided (and reported to `on_batch`) once all its pairs are read, comparing its spans in
+        passage-rank order: ">" keeps the higher-ranked passage on a tie."""
+        done = done or {}
         pairs = [(q, p) for q, passages in enumerate(contexts) for p in passages]
-        spans = self._read_pairs([questions[q] for q, _ in pairs], [p for _, p in pairs], show_progress)
-        best = [EMPTY_SPAN] * len(questions)
-        for (q, _), span in zip(pairs, spans):  # pair order = passage rank: ">" keeps the higher-ranked on a tie
-            if span.score > best[q].score:
-                best[q] = span
+        best = [span_from_record(done[q]) if q in done else EMPTY_SPAN for q in range(len(questions))]
+        of_question: dict[int, list[int]] = {}
+        for i, (q, _) in enumerate(pairs):
+            of_question.setdefault(q, []).append(i)
+        left = {q: len(ix) for q, ix in of_question.items() if q not in done}
+        spans: list[Span | None] = [None] * len(pairs)
+
+        def read(batch: list[int], batch_spans: list[Span]) -> None:
+            completed = []
+            for i, span in zip(batch, batch_spans):
+                spans[i] = span
+                q = pairs[i][0]
+                if q in left:
+                    left[q] -= 1
+                    if not left[q]:
+                        del left[q]
+                        completed.append(q)
+            for q in completed:
+                for i in of_question[q]:
+                    if spans[i].score > best[q].score:
+                        best[q] = spans[i]
+            if on_batch and completed:
+                on_batch(completed, [span_record(best[q]) for q in completed])
+
+        self._read_pairs([questions[q] for q, _ in pairs], [p for _, p in pairs], show_progress,
+                         skip=lambda i: pairs[i][0] in done, on_read=read)
         return best
 
-    def _read_pairs(self, questions: list[str], passages: list[Passage], show_progress: bool) -> list[Span]:
-        """Best span of each (question, passage) pair, in input order."""
+    def _read_pairs(self, questions: list[str], passages: list[Passage], show_progress: bool,
+                    skip: Callable[[int], bool] = lambda i: False, on_read=None) -> list[Span]:
+        """Best span of each (question, passage) pair, in input order (EMPTY_SPAN for skipped ones);
+        `on_read(pair indices, spans)` after each batch. Batches with only skipped pairs are not read."""
         texts = [passage_text(p) for p in passages]
         # Longest first so that each batch pads to a similar length: fewer wasted pad tokens.
         order = sorted(range(len(texts)), key=lambda i: (-len(questions[i]) - len(texts[i]), i))
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         spans: list[Span] = [EMPTY_SPAN] * len(texts)
         for batch in tqdm(batches, desc="read", disable=not show_progress):
-            for i, span in zip(batch, self._read_batch([questions[i] for i in batch], [passages[i] for i in batch],
-                                                         [texts[i] for i in batch])):
+            if all(skip(i) for i in batch):
+                continue
+            read = self._read_batch([questions[i] for i in batch], [passages[i] for i in batch], [texts[i] for i in batch])
+            for i, span in zip(batch, read):
                 spans[i] = span
+            if on_read:
+                on_read(batch, read)
         return spans
 
     @torch.inference_mode()

@@ -39,6 +39,7 @@ class HFGenerator:
     """Shared by both families: prompt building, batching, greedy decoding, post-processing."""
 
     is_decoder_only: bool = True
+    precision: str = "float32"  # what the weights compute in (timings.csv picks the matching peak)
 
     def __init__(self, model, tokenizer, prompt_builder: PromptBuilder, max_new_tokens: int = 16,
                  batch_size: int = 16, strip_prefixes: Sequence[str] = ("the answer is", "answer:"), stop_at_newline: bool = True):
@@ -92,6 +93,12 @@ class HFGenerator:
             if on_batch:
                 on_batch(batch, outs)
         return self.predictions(examples, prompts, [raws[i] for i in range(len(prompts))])
+
+    def token_counts(self, preds: Sequence[dict]) -> dict[str, int]:
+        """Tokens read and written (timings.csv). New tokens are counted by re-tokenising the raw
+        answers, so a resumed run counts every batch, including those of earlier sessions."""
+        return {"prompt_tokens": sum(p.get("prompt_tokens", 0) for p in preds),
+                "new_tokens": sum(len(self.tokenizer(p["raw"], add_special_tokens=False)["input_ids"]) for p in preds)}
 
     @property
     def padding_fraction(self) -> float:

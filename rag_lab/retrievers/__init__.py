@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from rag_lab.data.records import Passage
-from rag_lab.retrievers.base import Hit, Retriever, passage_text
+from rag_lab.retrievers.base import Hit, Retriever
 from rag_lab.retrievers.bm25 import BM25Retriever
 from rag_lab.retrievers.cache import cached_retrieve
 from rag_lab.retrievers.dense import DenseRetriever, build_faiss_index
@@ -40,4 +40,4 @@ def build_retriever(cfg, passages: Sequence[Passage], cache_dir=None, show_progr
 
 
 __all__ = ["Hit", "Retriever", "BM25Retriever", "DenseRetriever", "HybridRetriever", "OracleRetriever", "build_retriever",
-           "build_faiss_index", "cached_retrieve", "passage_text", "rrf_fuse", "weighted_fuse"]
+           "build_faiss_index", "cached_retrieve", "rrf_fuse", "weighted_fuse"]

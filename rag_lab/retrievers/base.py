@@ -29,22 +29,12 @@ class Retriever(Protocol):
         ...
 
 
-def passage_text(p: Passage) -> str:
-    """What retrievers index: the title is part of the passage, as in DPR."""
-    return f"{p.title}. {p.text}" if p.title else p.text
-
-
 def corpus_fingerprint(passages: Sequence[Passage]) -> str:
     """sha256 of every passage's [id, title, text] as a JSON line, hashed in one call. It runs on
     every warm index load, so it uses json's C string escaper directly (same bytes as json.dumps)."""
     q = json.encoder.encode_basestring  # ensure_ascii=False escaping, as json.dumps(..., ensure_ascii=False)
     lines = "".join(f"[{q(p.id)}, {q(p.title)}, {q(p.text)}]\n" for p in passages)
     return hashlib.sha256(lines.encode("utf-8")).hexdigest()
-
-
-def stable_hash(obj) -> str:
-    """sha256 of a JSON-serialisable object with sorted keys (a cache key)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def check_k(k: int) -> int:

@@ -5,12 +5,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import Stemmer
 import bm25s
 import numpy as np
 
-from rag_lab.data.records import Passage, QAExample
-from rag_lab.retrievers.base import Hit, check_k, check_questions, corpus_fingerprint, hits_from_arrays, passage_text, stable_hash
-from rag_lab.retrievers.cache import atomic_dir, retriever_cache_dir
+from rag_lab.data.records import Passage, QAExample, passage_text
+from rag_lab.io import atomic_dir, stable_hash
+from rag_lab.retrievers.base import Hit, check_k, check_questions, corpus_fingerprint, hits_from_arrays
+from rag_lab.retrievers.cache import retriever_cache_dir
 
 
 class BM25Retriever:
@@ -64,7 +66,6 @@ class BM25Retriever:
 def _make_stemmer(language: str | None):
     if language is None:
         return None
-    import Stemmer
 
     try:
         return Stemmer.Stemmer(language).stemWords

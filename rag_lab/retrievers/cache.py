@@ -1,41 +1,18 @@
-"""On-disk caches for retrieval: index folders written atomically, retrieval results per question set."""
+"""On-disk cache of retrieval results per question set (index folders are cached by each retriever)."""
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from rag_lab.data.records import QAExample
-from rag_lab.io import read_jsonl, write_jsonl
-from rag_lab.retrievers.base import Hit, stable_hash
+from rag_lab.io import read_jsonl, stable_hash, write_jsonl
+from rag_lab.paths import cache_dir as cache_root
+from rag_lab.retrievers.base import Hit
 
 
 def retriever_cache_dir(cache_dir: Path | None = None) -> Path:
-    """`cache_dir`, else `$RAG_LAB_CACHE/retrieval`, else `<repo>/cache/retrieval` (git-ignored)."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    from rag_lab.paths import REPO_ROOT
-
-    root = os.environ.get("RAG_LAB_CACHE")
-    return Path(root) / "retrieval" if root else REPO_ROOT / "cache" / "retrieval"
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temp folder beside `target`; on success it replaces `target` in one rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    """`cache_dir` when given (tests, studies that keep their own), else `paths.cache_dir("retrieval")`."""
+    return Path(cache_dir) if cache_dir is not None else cache_root("retrieval")
 
 
 def questions_fingerprint(questions: Sequence[QAExample]) -> str:

@@ -8,16 +8,20 @@ of encoder or corpus gives a new key, so a stale cache is never read.
 from __future__ import annotations
 
 import hashlib
+import io
+import time
 from pathlib import Path
 from typing import Sequence
 
 import faiss
 import numpy as np
 
-from rag_lab.data.records import Passage, QAExample
-from rag_lab.io import atomic_write_bytes
-from rag_lab.retrievers.base import Hit, check_k, check_questions, corpus_fingerprint, hits_from_arrays, passage_text, stable_hash
+from rag_lab.data.records import Passage, QAExample, passage_text
+from rag_lab.io import atomic_write_bytes, stable_hash
+from rag_lab.models import load_sentence_encoder, model_fingerprint, resolve_model
+from rag_lab.retrievers.base import Hit, check_k, check_questions, corpus_fingerprint, hits_from_arrays
 from rag_lab.retrievers.cache import retriever_cache_dir
+from rag_lab.timings import count_params, encoder_flops
 
 
 class DenseRetriever:
@@ -29,7 +33,6 @@ class DenseRetriever:
                  show_progress: bool = True, model=None):
         if not passages:
             raise ValueError("DenseRetriever needs a non-empty corpus")
-        from rag_lab.models import load_sentence_encoder, model_fingerprint, resolve_model
 
         self.passages = list(passages)
         self.encoder_name = encoder
@@ -63,7 +66,6 @@ class DenseRetriever:
         if path.exists():
             self.cache_hit["embeddings"] = True
             return np.load(path, allow_pickle=False)
-        import time
 
         t0 = time.perf_counter()
         texts = [self.params["passage_prefix"] + passage_text(p) for p in self.passages]
@@ -75,8 +77,6 @@ class DenseRetriever:
 
     def _encoding_flops(self, texts: list[str]) -> float | None:
         """2 N per token over the tokens the encoder saw (truncated at max_length; padding not counted)."""
-        from rag_lab.timings import count_params, encoder_flops
-
         try:
             tokenizer, net = self.model.tokenizer, self.model[0].auto_model
         except (AttributeError, IndexError, TypeError):  # an encoder that is not a transformers module
@@ -116,8 +116,6 @@ def build_faiss_index(vectors: np.ndarray, factory: str = "Flat") -> faiss.Index
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())

@@ -6,7 +6,8 @@ from typing import Sequence
 import numpy as np
 
 from rag_lab.data.records import QAExample
-from rag_lab.retrievers.base import Hit, check_k, stable_hash
+from rag_lab.io import stable_hash
+from rag_lab.retrievers.base import Hit, check_k
 
 
 def rrf_fuse(rankings: Sequence[Sequence[Hit]], rrf_k: int = 60) -> list[tuple[str, float]]:

@@ -12,8 +12,9 @@ from typing import Sequence
 import numpy as np
 
 from rag_lab.data.records import Passage, QAExample
-from rag_lab.metrics import gold_spans, has_answer_normalized, padded_normalized
-from rag_lab.retrievers.base import Hit, check_k, check_questions, passage_text, stable_hash
+from rag_lab.io import stable_hash
+from rag_lab.metrics import AnswerInPassage
+from rag_lab.retrievers.base import Hit, check_k, check_questions
 from rag_lab.retrievers.bm25 import BM25Retriever
 
 
@@ -22,7 +23,7 @@ class OracleRetriever:
 
     def __init__(self, passages: Sequence[Passage], ranker: BM25Retriever):
         self.passages, self.ranker = list(passages), ranker
-        self._texts = [padded_normalized(passage_text(p)) for p in self.passages]
+        self._holds = AnswerInPassage()
 
     @property
     def parts(self) -> tuple:
@@ -36,8 +37,7 @@ class OracleRetriever:
         tokens = self.ranker.tokenize(check_questions(questions))
         out = []
         for q, query in zip(questions, tokens):
-            golds = gold_spans(q.answers)
-            bearing = np.array([i for i, t in enumerate(self._texts) if has_answer_normalized(golds, t)], dtype=np.int64)
+            bearing = np.array([i for i, p in enumerate(self.passages) if self._holds(q.answers, p)], dtype=np.int64)
             if not len(bearing):
                 out.append([])
                 continue

@@ -7,30 +7,48 @@ positions that predict an answer token (`logits_to_keep`; same loss, less work).
 (greedy decoding on a slice held out from train) is computed at every evaluation and drives
 checkpoint selection and early stopping.
 
-    examples, skipped = build_sft_examples(prompts, answers, tokenizer)
-    report = train_generator(model, tokenizer, examples, dev, builder, settings, output_dir)
+The trainer takes data, never the experiment config: the runner loads the questions, splits
+them, retrieves their passages (`pipeline.contexts`) and hands them over.
+
+    split = split_train_dev(train_questions, dev_size, n_train, seed)
+    settings = TrainSettings.from_config(cfg.training, seed=seed, max_new_tokens=cfg.generator.max_new_tokens)
+    info = train_generator(split, contexts, settings, cfg.generator, output_dir, record)  # -> output_dir/final
+
+    examples, skipped = build_sft_examples(prompts, answers, tokenizer)    # the token-level primitive
+    report = fit_generator(model, tokenizer, examples, output_dir, settings)
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
+import inspect
 import json
 import math
+import random
 import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Generic, Sequence, TypeVar
 
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
-from rag_lab.data.records import QAExample
-from rag_lab.io import write_json
+from rag_lab.config import GeneratorConfig, TrainingConfig
+from rag_lab.data.records import Passage, QAExample
+from rag_lab.generators import DecoderGenerator, prompt_builder
+from rag_lab.io import atomic_dir, write_json
 from rag_lab.metrics import score_predictions
+from rag_lab.models import load_causal_lm
 
 CONFIG_FILE = "rag_lab_config.json"  # the settings that made a checkpoint folder
+TRAINING_FILE = "rag_lab_training.json"  # how a final model was made, written beside its weights
+FINAL = "final"  # the subfolder of a training run's output folder that holds the chosen model
 IGNORE = -100
+T = TypeVar("T")
 
 
 class TrainingError(RuntimeError):
@@ -41,30 +59,46 @@ class TrainingError(RuntimeError):
 RUNTIME_ONLY = ("gradient_checkpointing", "save_optimizer")
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """What the Trainer needs from `TrainingConfig`, plus the paths; the config file of a run."""
+@dataclass
+class TrainSettings(TrainingConfig):
+    """What a trainer needs: the `training:` section of the config, plus the seed of this run and
+    the decoding budget of its dev evaluations. Built from the config by `from_config` alone."""
 
-    method: str = "full"
-    learning_rate: float = 5e-5
-    epochs: float = 2.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr_scheduler: str = "linear"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    eval_steps: int = 50
-    patience: int = 3
-    group_by_length: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     seed: int = 0
-    tensorboard: bool = False
     max_new_tokens: int = 16
-    gradient_checkpointing: bool = False
-    save_optimizer: bool = True
+
+    @classmethod
+    def from_config(cls, training: TrainingConfig, seed: int, max_new_tokens: int = 16) -> "TrainSettings":
+        values = {f.name: getattr(training, f.name) for f in dataclasses.fields(TrainingConfig)}
+        return cls(**values, seed=seed, max_new_tokens=max_new_tokens)
+
+
+@dataclass(frozen=True)
+class Split(Generic[T]):
+    """Training items and the dev items held out from them (questions, or their contexts)."""
+
+    train: list[T]
+    dev: list[T]
+
+
+def split_train_dev(train: list[QAExample], dev_size: int, n_train: int | None, seed: int) -> Split[QAExample]:
+    """A seeded dev slice held out from train, and (optionally) the first n_train of the seeded
+    shuffle of the rest; both kept in file order."""
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    dev, pool = order[:dev_size], order[dev_size:]
+    if n_train is not None:
+        pool = pool[:n_train]
+    return Split([train[i] for i in sorted(pool)], [train[i] for i in sorted(dev)])
+
+
+def finished(output_dir: Path, record: dict) -> dict | None:
+    """The training info of a finished run in `output_dir` made with `record`, else None (train it)."""
+    done = Path(output_dir) / FINAL / TRAINING_FILE
+    if not done.exists():
+        return None
+    info = json.loads(done.read_text(encoding="utf-8"))
+    return info if info.get("record") == json.loads(json.dumps(record)) else None
 
 
 # ---------------------------------------------------------------- data
@@ -143,15 +177,11 @@ def answer_logits_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -
 
 def keeps_logits_at_positions(model) -> bool:
     """Whether `model.forward` takes `logits_to_keep` (transformers' decoder-only LMs do)."""
-    import inspect
-
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def padding_fraction(examples: Sequence[dict], batch_size: int, group_by_length: bool, seed: int = 0) -> float:
     """Fraction of pad tokens in an epoch of batches, with or without length grouping (for the benchmark)."""
-    import random
-
     lengths = [len(e["input_ids"]) for e in examples]
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
@@ -202,8 +232,6 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
 def apply_lora(model, settings: TrainSettings):
     """Wrap `model` with LoRA adapters on `lora_targets`; targets that match nothing are an error."""
-    from peft import LoraConfig, get_peft_model
-
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in settings.lora_targets if t not in names]
     if missing:
@@ -252,8 +280,6 @@ def close_process_group_at_exit() -> None:
     """Under `torchrun` / `accelerate launch` the Trainer opens a torch.distributed process group. One still
     open when the interpreter exits can abort that rank (gloo: "terminate called without an active
     exception", 2 runs in 26 on this machine), so destroy it at exit. Once per process; no-op alone."""
-    import atexit
-
     def close() -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -262,8 +288,6 @@ def close_process_group_at_exit() -> None:
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
     return get_last_checkpoint(str(output_dir)) if output_dir.exists() else None
 
 
@@ -298,7 +322,7 @@ def _checkpointing_argument(enabled: bool) -> dict:
 
 def generator_trainer(model, tokenizer, train_examples: list[dict], output_dir: Path, settings: TrainSettings,
                       dev_examples: list[dict] | None = None, dev_callback: DevEMCallback | None = None) -> Trainer:
-    """The Trainer `train_generator` runs: LoRA applied if asked, the LM head at answer positions
+    """The Trainer `fit_generator` runs: LoRA applied if asked, the LM head at answer positions
     when the model supports it, dev EM + early stopping when a dev callback is given."""
     answer_logits = keeps_logits_at_positions(model)  # asked before LoRA wraps the forward
     if settings.method == "lora":
@@ -312,9 +336,9 @@ def generator_trainer(model, tokenizer, train_examples: list[dict], output_dir: 
                    compute_loss_func=answer_logits_loss if answer_logits else None, callbacks=callbacks)
 
 
-def train_generator(model, tokenizer, train_examples: list[dict], output_dir: str | Path, settings: TrainSettings,
-                    dev_examples: list[dict] | None = None, dev_callback: DevEMCallback | None = None,
-                    record: dict | None = None) -> dict:
+def fit_generator(model, tokenizer, train_examples: list[dict], output_dir: str | Path, settings: TrainSettings,
+                  dev_examples: list[dict] | None = None, dev_callback: DevEMCallback | None = None,
+                  record: dict | None = None) -> dict:
     """Fine-tune `model` on token-level SFT examples; resume from the last checkpoint in `output_dir`
     when its config matches. Returns the loss / dev-EM history; the best model is left in `model`."""
     output_dir = Path(output_dir)
@@ -333,11 +357,58 @@ def train_generator(model, tokenizer, train_examples: list[dict], output_dir: st
 
 def save_model(model, tokenizer, path: str | Path, info: dict) -> Path:
     """Save the final model (safetensors) + tokenizer + how it was made, atomically, loadable by path."""
-    from rag_lab.retrievers.cache import atomic_dir
-
     path = Path(path)
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / "rag_lab_training.json", info)
+        write_json(tmp / TRAINING_FILE, info)
     return path
+
+
+# ---------------------------------------------------------------- from questions and passages
+
+def train_generator(examples: Split[QAExample], contexts: Split[list[Passage]] | None, settings: TrainSettings,
+                    generator: GeneratorConfig, output_dir: str | Path, record: dict) -> dict:
+    """Fine-tune `generator.model` on question (+ its passages, when `contexts` is given) -> first
+    gold answer, with the prompt its evaluation uses; the best model (by dev EM) is saved to
+    `output_dir/final` with its training info, which is also returned.
+
+    `record` is everything that changes the weights (the runner's `training_record`): a rerun with
+    the same record resumes from the last checkpoint in `output_dir`."""
+    if generator.kind != "decoder":
+        raise TrainingError("generator fine-tuning supports decoder-only models; the extractive reader has its own trainer")
+    if generator.n_few_shot:
+        raise TrainingError("fine-tuned regimes train and evaluate without demonstrations: set generator.n_few_shot: 0")
+    output_dir = Path(output_dir)
+    torch.manual_seed(settings.seed)
+    model, tokenizer = load_causal_lm(generator.model)
+    builder = prompt_builder(generator, tokenizer)
+
+    def prompts(questions, ctx):
+        if ctx is None:
+            return [builder.closed_book(q).text for q in questions]
+        return [builder.rag(q, c).text for q, c in zip(questions, ctx)]
+
+    train_ctx, dev_ctx = (None, None) if contexts is None else (contexts.train, contexts.dev)
+    add_special, train, dev = not builder.use_chat, examples.train, examples.dev
+    token_examples, skipped = build_sft_examples(prompts(train, train_ctx), [q.answers[0] for q in train], tokenizer, add_special)
+    dev_examples, _ = build_sft_examples(prompts(dev, dev_ctx), [q.answers[0] for q in dev], tokenizer, add_special) if dev else ([], 0)
+
+    def make_generator(m):
+        return DecoderGenerator(m, tokenizer, builder, max_new_tokens=generator.max_new_tokens, batch_size=generator.batch_size,
+                                strip_prefixes=generator.strip_prefixes)
+
+    callback = DevEMCallback(make_generator, dev, dev_ctx) if dev else None
+    report = fit_generator(model, tokenizer, token_examples, output_dir, settings, dev_examples, callback, record)
+    s = settings
+    # tokens the optimiser saw: the mean example length x examples per step x steps (timings.csv's 6 N T)
+    train_tokens = sum(len(e["input_ids"]) for e in token_examples) / len(token_examples) * report["global_step"] * s.batch_size * s.grad_accum
+    info = {"record": record, "n_train": len(token_examples), "skipped_empty_answers": skipped, "n_dev": len(dev),
+            "train_tokens": int(train_tokens),
+            "train_seconds": report["train_seconds"], "peak_rss_gb": report["peak_rss_gb"],  # peak of the whole process so far
+            "train_loss": report["train_loss"], "global_step": report["global_step"],
+            "best_checkpoint": report["best_checkpoint"], "log_history": report["log_history"],
+            "dev_history": report["dev_history"]}
+    info = json.loads(json.dumps(info, default=str))
+    save_model(report["model"], tokenizer, output_dir / FINAL, info)
+    return info

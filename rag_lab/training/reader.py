@@ -6,11 +6,11 @@ and the highest-ranked passages with no answer are negatives, labelled with the 
 (as Hugging Face's run_qa labels unanswerable features). Questions whose passages hold no
 answer teach nothing and are skipped (counted).
 
-    features, stats = build_reader_features(train, train_contexts, tokenizer)
-    report = train_reader("all-minilm-l6-v2", features, dev, dev_contexts, out, settings, record)
-    reader = ExtractiveReader(report["final_dir"])          # trained head: no warning
+    info = train_reader(split, contexts, settings, "all-minilm-l6-v2", out, record)   # questions + their passages
+    reader = ExtractiveReader(out / "final")                                        # trained head: no warning
 
-    model_dir, info = ensure_reader_trained(cfg, seed=0)    # from an ExperimentConfig: trains or reuses
+    features, stats = build_reader_features(train, train_contexts, tokenizer)       # the primitives below it
+    report = fit_reader("all-minilm-l6-v2", features, dev, dev_contexts, out, settings, record)
 
 One feature = one (question, passage) pair, read exactly as `ExtractiveReader` reads it:
 the question, then `passage_text(p)` = "title. text", truncated to `max_length` tokens
@@ -26,15 +26,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import EarlyStoppingCallback, Trainer
+from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer
 
-from rag_lab.data.records import Passage, QAExample
+from rag_lab.data.records import Passage, QAExample, passage_text
+from rag_lab.generators.extractive import ExtractiveReader, load_qa_model
 from rag_lab.io import write_json
-from rag_lab.metrics import gold_spans, has_answer_normalized, padded_normalized
-from rag_lab.retrievers.base import passage_text
-from rag_lab.training.finetune import FINAL, output_dir_for, settings_from, split_train_dev, training_record
-from rag_lab.training.generator import (CONFIG_FILE, DevEMCallback, ListDataset, StopOnNonFiniteLoss, TrainingError,
-                                        TrainSettings, resume_point, save_model, timed_train, training_arguments)
+from rag_lab.metrics import AnswerInPassage
+from rag_lab.models import resolve_model
+from rag_lab.training.generator import (CONFIG_FILE, FINAL, DevEMCallback, ListDataset, Split, StopOnNonFiniteLoss,
+                                        TrainingError, TrainSettings, resume_point, save_model, timed_train,
+                                        training_arguments)
 
 # The reader at evaluation time (`build_generator` -> ExtractiveReader) reads 384 tokens; train on the same window.
 MAX_LENGTH = 384
@@ -117,7 +118,7 @@ def _question_features(example: QAExample, passages: Sequence[Passage], tokenize
     texts = [passage_text(p) for p in passages]
     enc = tokenizer([example.question] * len(texts), texts, truncation="only_second", max_length=max_length,
                     return_offsets_mapping=True)
-    golds = gold_spans(example.answers)
+    holds = AnswerInPassage()
     positives, negatives, dropped = [], [], 0
     for i, text in enumerate(texts):
         spans = find_answer_spans(example.answers, text)
@@ -128,7 +129,7 @@ def _question_features(example: QAExample, passages: Sequence[Passage], tokenize
                 dropped += 1
             else:
                 positives.append(_feature(enc, i, *span))
-        elif len(negatives) < n_negatives and not has_answer_normalized(golds, padded_normalized(text)):
+        elif len(negatives) < n_negatives and not holds(example.answers, passages[i]):
             ids = enc["input_ids"][i]  # "no answer" points at [CLS] (position 0 for BERT-style inputs)
             at = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
             negatives.append(_feature(enc, i, at, at))
@@ -156,10 +157,10 @@ def qa_collate(pad_id: int):
 
 # ---------------------------------------------------------------- training
 
-def train_reader(model_name_or_path: str, features: list[dict], dev_examples: Sequence[QAExample],
-                 dev_contexts: Sequence[Sequence[Passage]] | None, output_dir: str | Path, settings: TrainSettings,
-                 record: dict | None = None, *, max_length: int = MAX_LENGTH,
-                 negatives_per_question: int = NEGATIVES_PER_QUESTION, notes: dict | None = None) -> dict:
+def fit_reader(model_name_or_path: str, features: list[dict], dev_examples: Sequence[QAExample],
+               dev_contexts: Sequence[Sequence[Passage]] | None, output_dir: str | Path, settings: TrainSettings,
+               record: dict | None = None, *, max_length: int = MAX_LENGTH,
+               negatives_per_question: int = NEGATIVES_PER_QUESTION, notes: dict | None = None) -> dict:
     """Fine-tune a QA-head model on span features; the best model (by dev EM) goes to `output_dir/final`.
 
     Checkpoints go to `output_dir`; a rerun with the same `record` resumes from the last one.
@@ -169,8 +170,6 @@ def train_reader(model_name_or_path: str, features: list[dict], dev_examples: Se
     dev). `notes` are written into final/rag_lab_training.json beside the training report, which
     is also returned, with "final_dir".
     """
-    from rag_lab.generators.extractive import ExtractiveReader, load_qa_model
-
     if settings.method != "full":  # LoRA targets in TrainSettings are decoder names; a span head on a small encoder trains fully
         raise TrainingError(f"the extractive reader trains with method 'full', got {settings.method!r}")
     if not features:
@@ -209,40 +208,15 @@ def train_reader(model_name_or_path: str, features: list[dict], dev_examples: Se
     return {**info, "final_dir": str(final)}
 
 
-def ensure_reader_trained(cfg, seed: int, show_progress: bool = True) -> tuple[Path, dict]:
-    """The trained reader folder for (cfg, seed) of regime "reader": reused when a finished one
-    was made with the same training record, trained otherwise. Returns (final dir, its training info)."""
-    if cfg.regime != "reader" or cfg.generator.kind != "extractive":
-        raise ValueError(f"reader training is for regime 'reader' with generator.kind 'extractive', got "
-                         f"{cfg.regime!r} / {cfg.generator.kind!r} (generators fine-tune with ensure_finetuned)")
-    out = output_dir_for(cfg, seed)
-    final, record = out / FINAL, training_record(cfg, seed)
-    done = final / "rag_lab_training.json"
-    if done.exists():
-        info = json.loads(done.read_text(encoding="utf-8"))
-        if info.get("record") == json.loads(json.dumps(record)):
-            return final, info
-    info = _train(cfg, seed, out, record, show_progress)
+def train_reader(examples: Split[QAExample], contexts: Split[list[Passage]], settings: TrainSettings, model: str,
+                 output_dir: str | Path, record: dict) -> dict:
+    """Train the span reader `model` on the training questions' retrieved passages (distant
+    supervision, `build_reader_features`), dev EM on the dev questions' passages; the best model
+    goes to `output_dir/final`. Returns its training info (also saved there)."""
+    torch.manual_seed(settings.seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(model)), trust_remote_code=False)
+    features, stats = build_reader_features(examples.train, contexts.train, tokenizer)
+    info = fit_reader(model, features, examples.dev, contexts.dev if examples.dev else None, output_dir, settings, record,
+                      notes={"stats": stats, "n_train_questions": len(examples.train)})
     info.pop("final_dir")
-    return final, info
-
-
-def _train(cfg, seed: int, out: Path, record: dict, show_progress: bool) -> dict:
-    from transformers import AutoTokenizer
-
-    from rag_lab.data import load_qa
-    from rag_lab.data.subsets import corpus_for
-    from rag_lab.models import resolve_model
-    from rag_lab.pipeline import contexts_from_hits
-    from rag_lab.retrievers import build_retriever, cached_retrieve
-
-    torch.manual_seed(seed)
-    train, dev = split_train_dev(load_qa(cfg.data.dataset, cfg.data.train_split), cfg.training.dev_size, cfg.data.n_train, seed)
-    passages = corpus_for(cfg.data, train + dev)
-    retriever = build_retriever(cfg.retriever, passages, show_progress=show_progress)
-    train_ctx = contexts_from_hits(cached_retrieve(retriever, train, cfg.retriever.k), passages)
-    dev_ctx = contexts_from_hits(cached_retrieve(retriever, dev, cfg.retriever.k), passages) if dev else None
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(cfg.generator.model)), trust_remote_code=False)
-    features, stats = build_reader_features(train, train_ctx, tokenizer)
-    return train_reader(cfg.generator.model, features, dev, dev_ctx, out, settings_from(cfg, seed), record,
-                        notes={"stats": stats, "n_train_questions": len(train)})
+    return info

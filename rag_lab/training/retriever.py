@@ -5,9 +5,13 @@ al. 2020, sec. 5.1) takes as positive the highest-ranked BM25 passage that conta
 answer, and as hard negative the highest-ranked BM25 passage that does not. We do the
 same, then train with in-batch negatives plus the hard negative (MultipleNegativesRankingLoss):
 
-    pairs, stats = mine_training_pairs(train_questions, passages, BM25Retriever(passages))
-    report = train_dense_retriever("all-minilm-l6-v2", pairs, "models/minilm-nq")
+    report = train_dense_retriever(train_questions, bm25_contexts, cfg.train_retriever, "models/minilm-nq")
     # any experiment can then use   retriever.encoder: models/minilm-nq
+
+    pairs, stats = mine_training_pairs(train_questions, bm25_contexts)     # the primitives below it
+    report = fit_dense_retriever("all-minilm-l6-v2", pairs, "models/minilm-nq")
+
+`bm25_contexts` are each question's BM25 top-`mining_depth` passages (`pipeline.contexts`).
 
 The saved folder is a plain sentence-transformers checkpoint plus `rag_lab_training.json`
 (the arguments, the prefixes to retrieve with, and the loss history).
@@ -21,16 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import sentence_transformers
 import torch
+import transformers
+from datasets import Dataset
+from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-from rag_lab.data.records import Passage, QAExample
-from rag_lab.io import write_json
-from rag_lab.metrics import gold_spans, has_answer_normalized, padded_normalized
-from rag_lab.retrievers.base import passage_text
-from rag_lab.retrievers.bm25 import BM25Retriever
-from rag_lab.retrievers.cache import atomic_dir
-
-TRAINING_FILE = "rag_lab_training.json"  # written beside the weights
+from rag_lab.config import RetrieverTrainingConfig
+from rag_lab.data.records import Passage, QAExample, passage_text
+from rag_lab.io import atomic_dir, write_json
+from rag_lab.metrics import AnswerInPassage
+from rag_lab.models import load_sentence_encoder
+from rag_lab.training.generator import TRAINING_FILE
 
 
 @dataclass(frozen=True)
@@ -48,22 +54,23 @@ class TrainPair:
 # ----------------------------------------------------------------------------- mining
 
 
-def mine_training_pairs(questions: Sequence[QAExample], passages: Sequence[Passage], bm25: BM25Retriever,
-                        depth: int = 100, n_hard_negatives: int = 1) -> tuple[list[TrainPair], dict]:
-    """One TrainPair per question that has an answer-bearing passage in the BM25 top-`depth`.
+def mine_training_pairs(questions: Sequence[QAExample], contexts: Sequence[Sequence[Passage]],
+                        n_hard_negatives: int = 1) -> tuple[list[TrainPair], dict]:
+    """One TrainPair per question that has an answer-bearing passage among its ranked `contexts`
+    (DPR: the BM25 top-`depth`).
 
-    Positive: the highest-ranked passage with a gold answer (`has_answer`); hard negatives:
+    Positive: the highest-ranked passage with a gold answer (`AnswerInPassage`); hard negatives:
     the `n_hard_negatives` highest-ranked without one. Questions with no positive, or with
-    too few negatives, are skipped and counted. Deterministic (BM25 ranking is).
+    too few negatives, are skipped and counted. Deterministic (the ranking is).
     """
-    if depth < 1 or n_hard_negatives < 0:
-        raise ValueError(f"need depth >= 1 and n_hard_negatives >= 0, got {depth} and {n_hard_negatives}")
-    by_id = {p.id: p for p in passages}
-    normalized: dict[str, str] = {}  # passage id -> normalised text: a passage recurs across questions
+    if n_hard_negatives < 0:
+        raise ValueError(f"need n_hard_negatives >= 0, got {n_hard_negatives}")
+    if len(contexts) != len(questions):
+        raise ValueError(f"{len(questions)} questions but {len(contexts)} contexts")
+    holds = AnswerInPassage()  # a passage recurs across questions: normalised once
     pairs, no_positive, no_negative = [], 0, 0
-    for q, hits in zip(questions, bm25.retrieve(questions, depth)):
-        ranked = [_lookup(by_id, h.passage_id) for h in hits]
-        positive, negatives = _split_ranking(gold_spans(q.answers), ranked, n_hard_negatives, normalized)
+    for q, ranked in zip(questions, contexts):
+        positive, negatives = _split_ranking(q.answers, ranked, n_hard_negatives, holds)
         if positive is None:
             no_positive += 1
         elif len(negatives) < n_hard_negatives:
@@ -72,24 +79,19 @@ def mine_training_pairs(questions: Sequence[QAExample], passages: Sequence[Passa
             pairs.append(TrainPair(q.question, passage_text(positive), tuple(passage_text(p) for p in negatives),
                                    q.id, positive.id, tuple(p.id for p in negatives)))
     stats = {"n_questions": len(questions), "n_pairs": len(pairs), "skipped_no_positive": no_positive,
-             "skipped_no_negative": no_negative, "depth": depth, "n_hard_negatives": n_hard_negatives}
+             "skipped_no_negative": no_negative, "depth": max((len(c) for c in contexts), default=0),
+             "n_hard_negatives": n_hard_negatives}
     return pairs, stats
 
 
-def _split_ranking(golds: list[str], ranked: list[Passage], n_negatives: int,
-                   normalized: dict[str, str]) -> tuple[Passage | None, list[Passage]]:
-    """(first passage with an answer, first `n_negatives` without), scanning only as far as needed.
-
-    The answer test is `has_answer(answers, passage_text(p))`, split so that each passage
-    is normalised once per corpus rather than once per question.
-    """
+def _split_ranking(answers: Sequence[str], ranked: Sequence[Passage], n_negatives: int,
+                   holds: AnswerInPassage) -> tuple[Passage | None, list[Passage]]:
+    """(first passage with an answer, first `n_negatives` without), scanning only as far as needed."""
     positive, negatives = None, []
     for p in ranked:
         if positive is not None and len(negatives) == n_negatives:
             break
-        if p.id not in normalized:
-            normalized[p.id] = padded_normalized(passage_text(p))
-        if has_answer_normalized(golds, normalized[p.id]):
+        if holds(answers, p):
             if positive is None:
                 positive = p
         elif len(negatives) < n_negatives:
@@ -97,22 +99,15 @@ def _split_ranking(golds: list[str], ranked: list[Passage], n_negatives: int,
     return positive, negatives
 
 
-def _lookup(by_id: dict[str, Passage], passage_id: str) -> Passage:
-    if passage_id not in by_id:
-        raise ValueError(f"BM25 returned passage {passage_id!r}, which is not in `passages`: "
-                         "was the index built over a different corpus?")
-    return by_id[passage_id]
-
-
 # ----------------------------------------------------------------------------- training
 
 
 def _st_training_api():
     """(MultipleNegativesRankingLoss, BatchSamplers); sentence-transformers 6 moved both."""
-    try:
+    try:  # why: sentence-transformers 6 moved both; the import that works says which layout is installed
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
         from sentence_transformers.sentence_transformer.training_args import BatchSamplers
-    except ImportError:  # 3.x - 5.x layout
+    except ImportError:  # why: the 3.x - 5.x layout
         from sentence_transformers.losses import MultipleNegativesRankingLoss
         from sentence_transformers.training_args import BatchSamplers
     return MultipleNegativesRankingLoss, BatchSamplers
@@ -156,10 +151,21 @@ def contrastive_loss(model, pairs: Sequence[TrainPair], batch_size: int = 32,
     return total / len(pairs)
 
 
-def train_dense_retriever(encoder, pairs: Sequence[TrainPair], output_dir: str | Path, epochs: int = 1,
-                          batch_size: int = 32, learning_rate: float = 2e-5, warmup_ratio: float = 0.1,
-                          seed: int = 0, max_length: int = 256, query_prefix: str = "",
-                          passage_prefix: str = "", logging_steps: int | None = None, notes: dict | None = None) -> dict:
+def train_dense_retriever(examples: Sequence[QAExample], contexts: Sequence[Sequence[Passage]],
+                          settings: RetrieverTrainingConfig, output_dir: str | Path, notes: dict | None = None) -> dict:
+    """Fine-tune `settings.base_encoder` on the pairs mined from each training question's ranked
+    passages (`mine_training_pairs`); saved to `output_dir` with the report (and the mining
+    statistics under "mining"), which is returned."""
+    pairs, stats = mine_training_pairs(examples, contexts, n_hard_negatives=settings.n_hard_negatives)
+    return fit_dense_retriever(settings.base_encoder, pairs, output_dir, epochs=settings.epochs,
+                               batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+                               seed=settings.seed, notes={**(notes or {}), "mining": stats})
+
+
+def fit_dense_retriever(encoder, pairs: Sequence[TrainPair], output_dir: str | Path, epochs: int = 1,
+                        batch_size: int = 32, learning_rate: float = 2e-5, warmup_ratio: float = 0.1,
+                        seed: int = 0, max_length: int = 256, query_prefix: str = "",
+                        passage_prefix: str = "", logging_steps: int | None = None, notes: dict | None = None) -> dict:
     """Fine-tune a sentence-transformers encoder on mined pairs; save it to `output_dir`.
 
     `encoder` is a name/path for `load_sentence_encoder` or a SentenceTransformer (trained
@@ -167,13 +173,8 @@ def train_dense_retriever(encoder, pairs: Sequence[TrainPair], output_dir: str |
     it, then renamed). Returns the report also saved there as `rag_lab_training.json`, with
     `notes` (e.g. the config and mining statistics of the study that asked for it) merged in.
     """
-    from datasets import Dataset
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-
-    from rag_lab.models import load_sentence_encoder
-
     if not pairs:
-        raise ValueError("train_dense_retriever needs at least one pair")
+        raise ValueError("fit_dense_retriever needs at least one pair")
     if not 0 <= warmup_ratio < 1:  # transformers reads warmup_steps >= 1 as a step count
         raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
     model = load_sentence_encoder(encoder) if isinstance(encoder, (str, Path)) else encoder
@@ -216,8 +217,5 @@ def train_dense_retriever(encoder, pairs: Sequence[TrainPair], output_dir: str |
 
 
 def _versions() -> dict[str, str]:
-    import sentence_transformers
-    import transformers
-
     return {"sentence_transformers": sentence_transformers.__version__, "transformers": transformers.__version__,
             "torch": torch.__version__}
