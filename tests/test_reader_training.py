@@ -240,6 +240,7 @@ def save_tiny_encoder(path) -> str:
 
 def test_reader_train_stage_trains_on_retrieved_passages_then_reuses(tmp_path, monkeypatch):
     monkeypatch.setenv("RAG_LAB_CACHE", str(tmp_path / "cache"))  # BM25 index and retrieval results
+    monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(tmp_path / "results"))  # the index build's timings row
     base = save_tiny_encoder(tmp_path / "base")
     cfg = ExperimentConfig(
         name="reader_test", regime="reader",
@@ -257,3 +258,4 @@ def test_reader_train_stage_trains_on_retrieved_passages_then_reuses(tmp_path, m
     mtime = (final / "model.safetensors").stat().st_mtime_ns
     again, info2 = train_stage(cfg, data_stage(cfg), seed=0, show_progress=False)
     assert again == final and info2 == info and (final / "model.safetensors").stat().st_mtime_ns == mtime
+    assert "index bm25" in (tmp_path / "results" / "timings.csv").read_text()  # recorded where the test says
