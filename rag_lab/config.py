@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -183,6 +184,7 @@ class ExperimentConfig:
     training: TrainingConfig = _help("training", factory=TrainingConfig)
 
     def __post_init__(self):
+        check_name(self.name)
         uses_retrieval = self.regime in ("rag", "rag_ft", "reader", "oracle")
         if (self.regime == "oracle") != (self.retriever.kind == "oracle"):
             raise ConfigError("the oracle retriever reads the gold answers: retriever.kind: oracle goes with regime: oracle, "
@@ -246,11 +248,24 @@ class RetrievalStudyConfig:
     budget: BudgetStudyConfig = _help("answer recall per prompt token, on a dev split", factory=BudgetStudyConfig)
 
     def __post_init__(self):
+        check_name(self.name)
         if not self.ks or min(self.ks) <= 0 or max(self.ks) > self.depth:
             raise ConfigError(f"ks must be positive and <= depth ({self.depth}), got {self.ks}")
         unknown = [r for r in self.budget.retrievers if r not in self.retrievers]
         if self.budget.enabled and unknown:
             raise ConfigError(f"budget.retrievers {unknown} are not among retrievers: {', '.join(self.retrievers)}")
+
+
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_name(name: str) -> str:
+    """An experiment name becomes a folder under results/runs/: letters, digits and `_-.` only,
+    not starting with a dot (so never `..`, an absolute path, or a hidden folder)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ConfigError(f"name {name!r}: use letters, digits, '_', '-' and '.' (not first); it names the run's "
+                          "folder under results/runs/")
+    return name
 
 
 # ---------------------------------------------------------------- loading
@@ -322,15 +337,38 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"{{file}}:{key_node.start_mark.line + 1}: duplicate key {key!r} "
+                                  f"(first given on line {seen[key]}); the last one would silently win")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict:
+    """The mapping of one YAML file (yaml.safe_load rules, duplicate keys refused); errors name the file and line."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such experiment file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("{file}", str(path))) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty (or only comments); an experiment needs at least a regime")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: an experiment file must be a mapping")
     return raw

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -84,17 +85,13 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line; malformed lines raise DataError."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        for lineno, line in _lines(f, path):
             if not line.strip():
                 continue
             try:
@@ -109,6 +106,20 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def stable_hash(obj) -> str:
     """sha256 of a JSON-serialisable object with sorted keys (a cache key)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _lines(f, path: Path) -> Iterator[tuple[int, str]]:
+    """Numbered, decoded lines of a binary file; a truncated or corrupt gzip stream, or bytes that
+    are not UTF-8, are a DataError naming the file (and the line)."""
+    lineno = 0
+    try:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: the gzip stream is damaged after line {lineno} ({e}): re-download or rebuild the file") from None
 
 
 def sha256_file(path: str | Path) -> str:

@@ -175,12 +175,19 @@ def ensure_retriever_trained(tcfg: RetrieverTrainingConfig, data_cfg, passages: 
 
 # ---------------------------------------------------------------- stage 4: generate (resumable)
 
-def generation_key(cfg: ExperimentConfig, model_id: str, questions, ctx: Contexts | None) -> str:
+def generation_key(cfg: ExperimentConfig, model_id: str, data: RunData, ctx: Contexts | None) -> str:
+    """The generation cache key: content, never names — the generation settings and prompt
+    templates, the weights' fingerprint, every question (text and answers), the demonstration
+    pool's questions when demonstrations are drawn, and the id, title and text of every passage."""
+    def examples(qs):
+        return [[q.id, q.question, list(q.answers)] for q in qs]
+
     return stable_hash({
+        "key_format": 2,  # 1 keyed passages by id and the pool by name: an edited corpus reused old predictions
         "generator": dataclasses.asdict(cfg.generator), "model": model_id, "seed": cfg.seed,
-        "few_shot_pool": [cfg.data.dataset, cfg.data.train_split] if cfg.generator.n_few_shot else None,
-        "questions": [[q.id, q.question] for q in questions],
-        "passages": None if ctx is None else ctx.ids(),
+        "demonstration_pool": stable_hash(examples(data.train)) if cfg.generator.n_few_shot else None,
+        "questions": examples(data.questions),
+        "passages": None if ctx is None else [[[p.id, p.title, p.text] for p in row] for row in ctx.passages],
     })
 
 
@@ -190,7 +197,7 @@ def generate_stage(cfg: ExperimentConfig, data: RunData, ctx: Contexts | None, m
     (None if a cache predates that record), "prompt_tokens", "new_tokens", "n_params", "precision"}
     for timings.csv. Finished batches are appended to `partial.jsonl` as they complete, so a killed
     run restarts where it stopped; the batch plan is deterministic."""
-    key = generation_key(cfg, model_fingerprint(resolve_model(model_path)), data.questions, ctx)
+    key = generation_key(cfg, model_fingerprint(resolve_model(model_path)), data, ctx)
     stage = cache_dir("runs") / f"generate-{key[:20]}"
     done_path, partial_path, timing_path = stage / "predictions.jsonl", stage / "partial.jsonl", stage / "timing.json"
     if done_path.exists():
@@ -365,7 +372,10 @@ def seed_summary(per_seed) -> dict:
 
 
 def write_run_folder(cfg, profile: str, key: str, rows, metrics, timings, training: dict | None = None) -> Path:
-    run_dir = profile_results_dir(profile) / "runs" / cfg.name / key[:12]
+    root = profile_results_dir(profile) / "runs"
+    run_dir = root / cfg.name / key[:12]
+    if not run_dir.resolve().is_relative_to(root.resolve()):  # names are checked at load; a config built in code too
+        raise ConfigError(f"name {cfg.name!r}: the run folder {run_dir} would lie outside {root}")
     if training:
         write_json(run_dir / "training.json", training)
     write_json(run_dir / "config.json", {"profile": profile, **cfg.to_dict()})

@@ -158,3 +158,30 @@ def test_main_table_rows_read_in_regime_order(tmp_path):
     upsert_rows(path, table.to_dict("records")[:3], key=("experiment",), order=in_regime_order)
     upsert_rows(path, table.to_dict("records")[3:], key=("experiment",), order=in_regime_order)
     assert pd.read_csv(path)["experiment"].tolist() == ["cb", "cb_ft", "rag_k3", "rag_k10", "rag_ft", "reader_x"]
+
+
+def test_an_edited_passage_under_the_same_id_is_generated_again(env, monkeypatch):
+    """The generation cache is keyed on passage text, not ids: a rebuilt corpus never reuses old predictions."""
+    cfg = config(env)
+    first = run_experiment(cfg, show_progress=False)
+    calls = []
+    real = HFGenerator.generate_batch
+    monkeypatch.setattr(HFGenerator, "generate_batch", lambda self, prompts: calls.append(len(prompts)) or real(self, prompts))
+    assert run_experiment(cfg, show_progress=False).run_dir == first.run_dir and calls == []  # same content: cached
+    edited = [dict(p, text=p["text"] + " (edited)") if p["id"] == "Paris#0" else p for p in CORPUS]
+    (env / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edited))
+    second = run_experiment(cfg, show_progress=False)
+    assert calls and second.run_dir != first.run_dir
+
+
+def test_changed_answers_give_another_run(env):
+    first = run_experiment(config(env), show_progress=False)
+    (env / "qa.jsonl").write_text("".join(json.dumps({**q, "answers": q["answers"] + ["x"]}) + "\n" for q in QA))
+    assert run_experiment(config(env), show_progress=False).run_dir != first.run_dir
+
+
+def test_a_name_built_in_code_cannot_leave_results(env):
+    from rag_lab.config import ConfigError
+
+    with pytest.raises(ConfigError, match="use letters, digits"):
+        config(env, name="../../outside")

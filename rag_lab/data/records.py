@@ -5,8 +5,11 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 from rag_lab.io import DataError
 
@@ -58,9 +61,11 @@ def qa_from_row(row: dict[str, Any], where: str, default_id: str) -> QAExample:
         raise DataError(f"{where}: QA row has an empty answers list")
     if not all(isinstance(a, str) for a in answers):
         raise DataError(f"{where}: answers must be strings, got {answers!r}")
-    in_corpus = row.get("answer_in_corpus")
+    in_corpus = _null_to_none(row.get("answer_in_corpus"))
+    if in_corpus is not None and not isinstance(in_corpus, (bool, np.bool_)):
+        raise DataError(f"{where}: 'answer_in_corpus' must be true, false or null, got {in_corpus!r}")
     return QAExample(
-        id=str(row.get("id", default_id)),
+        id=_row_id(row, where, default_id),
         question=question.strip(),
         answers=tuple(answers),
         answer_in_corpus=None if in_corpus is None else bool(in_corpus),
@@ -68,8 +73,34 @@ def qa_from_row(row: dict[str, Any], where: str, default_id: str) -> QAExample:
 
 
 def passage_from_row(row: dict[str, Any], where: str, default_id: str) -> Passage:
-    text = row.get("text")
+    """A passage from a raw row. The null rule, the same in every loader: a missing or null
+    `title` is the empty string (the passage reads as its text alone); a null `text` or `id`
+    is an error; a title that is not a string is an error (never its str(), e.g. "nan")."""
+    text = _null_to_none(row.get("text"))
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"{where}: corpus row has no 'text' (keys: {sorted(row)})")
-    title = row.get("title", "")
-    return Passage(id=str(row.get("id", default_id)), title=str(title or ""), text=text)
+    title = _null_to_none(row.get("title"))
+    if title is not None and not isinstance(title, str):
+        raise DataError(f"{where}: 'title' must be a string or null, got {title!r}")
+    return Passage(id=_row_id(row, where, default_id), title=title or "", text=text)
+
+
+def _null_to_none(value):
+    """None for the ways a file writes 'no value': JSON null, and pandas' NaN / None / NaT (parquet)."""
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return None if type(value).__name__ in ("NaTType", "NAType") else value
+
+
+def _row_id(row: dict[str, Any], where: str, default_id: str) -> str:
+    """The row's `id` as a string (a row without the key gets `default_id`); a null or empty id is an error."""
+    if "id" not in row:
+        return default_id
+    value = _null_to_none(row["id"])
+    if value is None or str(value).strip() == "":
+        raise DataError(f"{where}: 'id' is null or empty")
+    if isinstance(value, float) and value.is_integer():  # pandas reads an int column with a null as floats
+        value = int(value)
+    return str(value)

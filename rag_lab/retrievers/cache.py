@@ -16,7 +16,8 @@ def retriever_cache_dir(cache_dir: Path | None = None) -> Path:
 
 
 def questions_fingerprint(questions: Sequence[QAExample]) -> str:
-    return stable_hash([[q.id, q.question] for q in questions])
+    """Ids, text and answers: the oracle retriever's hits depend on the answers too."""
+    return stable_hash([[q.id, q.question, list(q.answers)] for q in questions])
 
 
 def cached_retrieve(retriever, questions: Sequence[QAExample], k: int, cache_dir: Path | None = None) -> list[list[Hit]]:
