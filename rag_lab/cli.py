@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rag_lab.config import ConfigError, PROFILES, RetrievalStudyConfig, config_help, load_experiment
 from rag_lab.data import build_nq_mini
-from rag_lab.io import DataError
+from rag_lab.io import UserError
 from rag_lab.paths import data_dir, profile_results_dir
 from rag_lab.readme import update_readme
 
@@ -55,10 +55,32 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _table(args: argparse.Namespace) -> None:
-    from rag_lab.results import upsert_main_table  # why: pandas; the other commands need none of it
+    from rag_lab.runner import main_table_problem, rebuild_main_table  # why: loads torch and transformers (seconds)
 
-    upsert_main_table([], args.profile)  # re-render the .md from the CSV with the current code
+    if args.rebuild:
+        print(f"rebuilt from the run folders ({main_table_problem(args.profile) or 'the table was consistent'})")
+        rebuild_main_table(args.profile)
+    else:
+        from rag_lab.results import upsert_main_table  # why: pandas only; re-render the .md with the current code
+
+        upsert_main_table([], args.profile)
     print((profile_results_dir(args.profile) / "main_table.md").read_text(encoding="utf-8"))
+
+
+def _runs(args: argparse.Namespace) -> None:
+    from rag_lab.runner import check_run_folder, main_table_problem, run_folders  # why: loads torch (seconds)
+
+    bad = 0
+    for run_dir in run_folders(args.profile):
+        problem = check_run_folder(run_dir)
+        bad += problem is not None
+        print(f"{'BAD' if problem else 'ok '}  {run_dir.relative_to(profile_results_dir(args.profile))}"
+              + (f"  {problem}" if problem else ""))
+    table = main_table_problem(args.profile)
+    if table:
+        print(f"BAD  main_table.csv  {table} (rag-lab table --rebuild repairs it)")
+    if args.check and (bad or table):
+        sys.exit(1)
 
 
 def _fetch_models(args: argparse.Namespace) -> None:
@@ -82,6 +104,7 @@ def _check_config(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rag-lab", description="rag_lab: reproducible retrieval-augmented QA experiments")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build-data", help="build (or validate) the embedded nq-mini benchmark")
@@ -106,7 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("table", help="print the main results table")
     p.add_argument("--profile", choices=PROFILES, default="default")
+    p.add_argument("--rebuild", action="store_true", help="rebuild it from the complete run folders first")
     p.set_defaults(func=_table)
+
+    p = sub.add_parser("runs", help="list the run folders; --check reports incomplete or inconsistent ones")
+    p.add_argument("--profile", choices=PROFILES, default="default")
+    p.add_argument("--check", action="store_true", help="exit 1 if a run folder or the main table is damaged")
+    p.set_defaults(func=_runs)
 
     p = sub.add_parser("readme", help="regenerate the README's tables from results/")
     p.set_defaults(func=_readme)
@@ -125,19 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """The errors that are the user's to fix. The model ones only if rag_lab.models was loaded
-    (then it raised them): importing it here would load torch for every command."""
-    models, ct2 = sys.modules.get("rag_lab.models"), sys.modules.get("rag_lab.generators.ct2")
-    return ((ConfigError, DataError) + ((models.ModelNotFoundError, models.ModelIntegrityError) if models else ())
-            + ((ct2.BackendError,) if ct2 else ()))
-
-
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except _user_errors() as e:  # user errors: one clear line, no traceback (evaluated when raised)
+    except UserError as e:  # the user's to fix: one clear line naming the file/key, no traceback (--debug shows it)
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import difflib
 import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,10 +24,11 @@ from typing import Any, Literal
 
 import yaml
 
+from rag_lab.io import UserError
 from rag_lab.paths import REPO_ROOT, repo_path
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad configuration; the message names the file and the key."""
 
 
@@ -120,6 +122,11 @@ class GeneratorConfig:
             raise ConfigError("generator.closed_book_template must contain {question}")
         if "{question}" not in self.rag_template or "{context}" not in self.rag_template:
             raise ConfigError("generator.rag_template must contain {context} and {question}")
+        for key, allowed in (("closed_book_template", {"question"}), ("rag_template", {"question", "context"})):
+            fields = _template_fields(getattr(self, key), f"generator.{key}")
+            if fields - allowed:
+                raise ConfigError(f"generator.{key} has unknown field(s) {', '.join(sorted('{' + f + '}' for f in fields - allowed))}: "
+                                  f"it may use {', '.join(sorted('{' + f + '}' for f in allowed))} (write {{{{ and }}}} for literal braces)")
         for key in ("max_new_tokens", "batch_size", "max_input_tokens", "max_context_tokens"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"generator.{key} must be positive, got {getattr(self, key)}")
@@ -254,6 +261,13 @@ class RetrievalStudyConfig:
         unknown = [r for r in self.budget.retrievers if r not in self.retrievers]
         if self.budget.enabled and unknown:
             raise ConfigError(f"budget.retrievers {unknown} are not among retrievers: {', '.join(self.retrievers)}")
+
+
+def _template_fields(template: str, key: str) -> set[str]:
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise ConfigError(f"{key}: not a valid template ({e}); write {{{{ and }}}} for literal braces") from None
 
 
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")

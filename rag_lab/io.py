@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -19,15 +20,48 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
-class DataError(ValueError):
+class UserError(Exception):
+    """An error that is the user's to fix: its message names the file and line, or the config key,
+    and what to do. The CLI prints it as one line (the traceback with --debug)."""
+
+
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file and line (or record) at fault."""
+
+
+TMP_MARK = "tmp-pid"  # temporaries are named .<target>.tmp-pid<pid>.<random>: whose they are is in the name
+_TMP = re.compile(r"^\..+\." + TMP_MARK + r"(\d+)\.")
+
+
+def clean_orphans(root: Path) -> list[Path]:
+    """Delete the temporaries under `root` that a killed process left (its pid is no longer alive);
+    those of live processes (a concurrent run) are left alone. Returns what was deleted."""
+    removed = []
+    if not Path(root).exists():
+        return removed
+    for path in sorted(Path(root).rglob(f".*.{TMP_MARK}*")):
+        match = _TMP.match(path.name)
+        if match and not _alive(int(match.group(1))) and path.exists():
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` via a temp file in the same folder + os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{TMP_MARK}{os.getpid()}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be read by others
         with os.fdopen(fd, "wb") as f:
@@ -44,7 +78,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temp folder beside `target`; on success it replaces `target` in one rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{TMP_MARK}{os.getpid()}."))
     try:
         yield tmp
         if target.exists():

@@ -43,6 +43,7 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from rag_lab.io import UserError
 from rag_lab.paths import cache_dir
 
 # Bump when the layout of the de-quantised cache changes: old caches then count as stale.
@@ -51,11 +52,11 @@ SOURCE_FILE = "rag_lab_source.json"  # what a cache was built from; see `_cache_
 _OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub accepts as "true"
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(UserError, ValueError):
     """A model name that is neither embedded, nor a local directory, nor reachable on the hub."""
 
 
-class ModelIntegrityError(ValueError):
+class ModelIntegrityError(UserError, ValueError):
     """Downloaded or cached model bytes that are not the pinned ones (wrong sha256 or size)."""
 
 

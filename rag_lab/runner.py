@@ -17,26 +17,28 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import transformers
 
-from rag_lab.config import ConfigError, ExperimentConfig, RetrieverConfig, RetrieverTrainingConfig
+from rag_lab.config import ConfigError, ExperimentConfig, RetrieverConfig, RetrieverTrainingConfig, from_dict
 from rag_lab.data import load_qa
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.data.subsets import corpus_for, corpus_label, eval_set_name, subset_questions
 from rag_lab.generators import build_generator
-from rag_lab.io import read_jsonl, stable_hash, write_json, write_jsonl
+from rag_lab.io import atomic_dir, clean_orphans, read_jsonl, stable_hash, write_json, write_jsonl
 from rag_lab.metrics import AnswerInPassage, bootstrap_ci, score_predictions
-from rag_lab.models import model_fingerprint, resolve_model
+from rag_lab.models import ModelNotFoundError, model_fingerprint, resolve_model
 from rag_lab.paths import REPO_ROOT, cache_dir, profile_results_dir
 from rag_lab.pipeline import Contexts, contexts
-from rag_lab.results import table_row, upsert_main_table
+from rag_lab.results import MAIN_TABLE_KEY, table_row, upsert_main_table
 from rag_lab.timings import StageTiming, checkpoint_params, decoder_flops, record, training_flops
 from rag_lab.training import (FINAL, Split, TrainSettings, finished, split_train_dev, train_dense_retriever,
                               train_generator, train_reader)
@@ -90,6 +92,17 @@ REGIMES: dict[str, Stages] = {
 
 # ---------------------------------------------------------------- stage 1: data
 
+def check_models(cfg: ExperimentConfig, model_path: str | None = None) -> None:
+    """Resolve every model the run will load (ModelNotFoundError names the key and the fix)."""
+    for key, name in (("generator.model", model_path or cfg.generator.model),
+                      ("retriever.encoder", cfg.retriever.encoder if cfg.retriever.kind in ("dense", "hybrid") else None)):
+        if name is not None:
+            try:
+                resolve_model(name)
+            except ModelNotFoundError as e:
+                raise ModelNotFoundError(f"{key}: {e}") from None
+
+
 def data_stage(cfg: ExperimentConfig) -> RunData:
     """The eval questions, the train split when something needs it, and the corpus when retrieving."""
     d, stages = cfg.data, REGIMES[cfg.regime]
@@ -101,6 +114,9 @@ def data_stage(cfg: ExperimentConfig) -> RunData:
         questions = [q for q in questions if q.answer_in_corpus]
     needs_train = cfg.generator.n_few_shot > 0 or stages.train is not None
     train = load_qa(d.dataset, d.train_split) if needs_train else []
+    if cfg.generator.n_few_shot > len(train):
+        raise ConfigError(f"generator.n_few_shot = {cfg.generator.n_few_shot} but the train split ({d.dataset} / "
+                          f"{d.train_split}) holds {len(train)} questions")
     passages = corpus_for(d, questions) if stages.contexts else []
     return RunData(questions, train, passages)
 
@@ -303,8 +319,11 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     the row reports the first seed's predictions with bootstrap CIs, and mean ± sd over seeds.
     """
     t0 = time.perf_counter()
+    for root in (profile_results_dir(profile), cache_dir("runs")):  # what killed runs left half-written
+        clean_orphans(root)
     timings, compute = {}, {}  # this run's seconds; the seconds each stage took when it was computed
     stages = REGIMES[cfg.regime]
+    check_models(cfg, model_path)  # an unknown name fails now, not after minutes of retrieval
     data = data_stage(cfg)
     timings["data_s"] = time.perf_counter() - t0
 
@@ -338,6 +357,7 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     # the row's cost is that of computing it, not of a rerun served from the caches
     compute_s = None if None in compute.values() else timings["data_s"] + timings["retrieve_s"] + sum(compute.values())
     run_dir = write_run_folder(cfg, profile, key, rows, metrics, {**timings, "compute_s": compute_s}, training)
+    repair_main_table(profile)
     row = table_row(cfg, metrics, eval_set_name(cfg.data, len(data.questions)), compute_s,
                     run_dir.relative_to(profile_results_dir(profile)).as_posix())
     upsert_main_table([row], profile)
@@ -371,16 +391,108 @@ def seed_summary(per_seed) -> dict:
     return out
 
 
+RUN_FILES = ("config.json", "predictions.jsonl", "metrics.json", "timings.json", "versions.json")
+
+
 def write_run_folder(cfg, profile: str, key: str, rows, metrics, timings, training: dict | None = None) -> Path:
+    """results/runs/<name>/<key[:12]>/, written into a temporary folder and renamed: it appears only complete."""
     root = profile_results_dir(profile) / "runs"
     run_dir = root / cfg.name / key[:12]
     if not run_dir.resolve().is_relative_to(root.resolve()):  # names are checked at load; a config built in code too
         raise ConfigError(f"name {cfg.name!r}: the run folder {run_dir} would lie outside {root}")
-    if training:
-        write_json(run_dir / "training.json", training)
-    write_json(run_dir / "config.json", {"profile": profile, **cfg.to_dict()})
-    write_jsonl(run_dir / "predictions.jsonl", rows)
-    write_json(run_dir / "metrics.json", metrics)
-    write_json(run_dir / "timings.json", {k: None if v is None else round(v, 2) for k, v in timings.items()})
-    write_json(run_dir / "versions.json", versions())
+    with atomic_dir(run_dir) as tmp:
+        if training:
+            write_json(tmp / "training.json", training)
+        write_json(tmp / "config.json", {"profile": profile, **cfg.to_dict()})
+        write_jsonl(tmp / "predictions.jsonl", rows)
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "timings.json", {k: None if v is None else round(v, 2) for k, v in timings.items()})
+        write_json(tmp / "versions.json", versions())
     return run_dir
+
+
+# ---------------------------------------------------------------- the run folders and the main table
+
+def run_folders(profile: str = "default") -> list[Path]:
+    root = profile_results_dir(profile) / "runs"
+    return sorted(p for p in root.glob("*/*") if p.is_dir() and not p.name.startswith(".")) if root.exists() else []
+
+
+def check_run_folder(run_dir: Path) -> str | None:
+    """What is wrong with a run folder (None: complete and consistent)."""
+    missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
+    if missing:
+        return f"incomplete: no {', '.join(missing)}"
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        n_rows = sum(1 for _ in read_jsonl(run_dir / "predictions.jsonl"))
+        cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        return f"unreadable: {e}"
+    if metrics.get("all", {}).get("n") != n_rows:
+        return f"inconsistent: metrics.json says n={metrics.get('all', {}).get('n')}, predictions.jsonl has {n_rows} rows"
+    if cfg.get("name") != run_dir.parent.name:
+        return f"inconsistent: config.json names {cfg.get('name')!r}, the folder {run_dir.parent.name!r}"
+    return None
+
+
+def row_from_run_folder(run_dir: Path, profile: str) -> dict:
+    """The main-table row a complete run folder stands for (what `run_experiment` upserted)."""
+    raw = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    raw.pop("profile", None)
+    cfg = from_dict(ExperimentConfig, raw, where=str(run_dir / "config.json"))
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    compute_s = json.loads((run_dir / "timings.json").read_text(encoding="utf-8")).get("compute_s")
+    return table_row(cfg, metrics, eval_set_name(cfg.data, metrics["all"]["n"]), compute_s,
+                     run_dir.relative_to(profile_results_dir(profile)).as_posix())
+
+
+def main_table_problem(profile: str = "default") -> str | None:
+    """Why results/main_table.csv cannot be trusted (None: it can): unreadable, a header without
+    the key and metric columns, rows with empty key or metric cells (a truncated file), or no row
+    for a complete run folder."""
+    path = profile_results_dir(profile) / "main_table.csv"
+    folders = [d for d in run_folders(profile) if check_run_folder(d) is None]
+    if not path.exists():
+        return f"{path} is missing but {len(folders)} run folders exist" if folders else None
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        return f"{path} is unreadable ({type(e).__name__}: {e})"
+    needed = [*MAIN_TABLE_KEY, "regime", "n", "em", "f1", "run"]
+    absent = [c for c in needed if c not in table.columns]
+    if absent:
+        return f"{path} has no {', '.join(absent)} column"
+    if table[needed].isna().any().any():
+        return f"{path} has rows with empty key or metric cells (a truncated file?)"
+    have = set(zip(table["experiment"].astype(str), table["eval_set"].astype(str)))
+    lacking = [d for d in folders if (d.parent.name, row_from_run_folder(d, profile)["eval_set"]) not in have]
+    if lacking:
+        return f"{path} has no row for {len(lacking)} run folder(s), e.g. {lacking[0]}"
+    return None
+
+
+def rebuild_main_table(profile: str = "default") -> pd.DataFrame:
+    """results/main_table.{csv,md} rebuilt from the complete run folders: per (experiment, eval set)
+    the most recently written folder."""
+    latest: dict[tuple[str, str], tuple[float, dict]] = {}
+    for d in run_folders(profile):
+        if check_run_folder(d) is None:
+            row = row_from_run_folder(d, profile)
+            stamp = (d / "metrics.json").stat().st_mtime
+            key = (row["experiment"], row["eval_set"])
+            if key not in latest or stamp > latest[key][0]:
+                latest[key] = (stamp, row)
+    path = profile_results_dir(profile) / "main_table.csv"
+    for stale in (path, path.with_suffix(".md")):
+        stale.unlink(missing_ok=True)
+    return upsert_main_table([row for _, row in latest.values()], profile)
+
+
+def repair_main_table(profile: str = "default") -> str | None:
+    """Rebuild the main table when `main_table_problem` finds one; returns (and prints) what was wrong."""
+    problem = main_table_problem(profile)
+    if problem:
+        print(f"rag-lab: {problem}: rebuilding it from the run folders", file=sys.stderr)
+        rebuild_main_table(profile)
+    return problem

@@ -202,3 +202,218 @@ def test_the_suite_covers_every_category():
     ids = [c.id for c in CONFIG_CASES + DATA_CASES]
     assert len(ids) == len(set(ids))
     assert {i.split("-")[0] for i in ids} >= {"yaml", "key", "bool", "qa", "corpus", "study"}
+
+
+# ---------------------------------------------------------------- more config cases: templates
+
+TEMPLATE_CASES = [
+    Case("template-unknown-field", text("x.yaml", "regime: closed_book\ngenerator: {closed_book_template: 'Q: {question} {bogus}'}\n"),
+         experiment, ConfigError, "generator.closed_book_template has unknown field(s) {bogus}"),
+    Case("template-rag-unknown-field", text("x.yaml", "regime: closed_book\ngenerator: {rag_template: '{context} {question} {passages}'}\n"),
+         experiment, ConfigError, "generator.rag_template has unknown field(s) {passages}"),
+    Case("template-unbalanced-brace", text("x.yaml", "regime: closed_book\ngenerator: {closed_book_template: 'Q: {question} }'}\n"),
+         experiment, ConfigError, "not a valid template"),
+    Case("template-literal-braces-ok", text("x.yaml", "regime: closed_book\ngenerator: {closed_book_template: '{{json}} {question}'}\n"),
+         experiment, None, check=lambda cfg: "{{json}}" in cfg.generator.closed_book_template),
+    Case("template-positional-field", text("x.yaml", "regime: closed_book\ngenerator: {closed_book_template: '{question} {0}'}\n"),
+         experiment, ConfigError, "unknown field(s) {0}"),
+]
+
+
+@pytest.mark.parametrize("case", TEMPLATE_CASES, ids=lambda c: c.id)
+def test_bad_template(case: Case, tmp_path):
+    test_bad_input(case, tmp_path)
+
+
+# ---------------------------------------------------------------- the CLI: one line per error, --debug for the traceback
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    from rag_lab.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+CLI_CASES = [  # (id, files to write, argv, exit code, fragment of the one line)
+    ("cli-missing-experiment", {}, ["check-config", "{d}/nope.yaml"], 2, "nope.yaml: no such experiment file"),
+    ("cli-duplicate-key", {"x.yaml": "regime: rag\nregime: rag\n"}, ["check-config", "{d}/x.yaml"], 2, "x.yaml:2: duplicate key"),
+    ("cli-unknown-profile", {"x.yaml": "regime: closed_book\n"}, ["check-config", "{d}/x.yaml", "--profile", "huge"], 2, "invalid choice"),
+    ("cli-empty-file", {"x.yaml": ""}, ["check-config", "{d}/x.yaml"], 2, "the file is empty"),
+    ("cli-bad-name", {"x.yaml": "name: ../up\nregime: closed_book\n"}, ["check-config", "{d}/x.yaml"], 2, "name '../up'"),
+    ("cli-unknown-model", {"x.yaml": "regime: closed_book\ngenerator: {model: no-such-org/no-such-model}\n"},
+     ["run", "{d}/x.yaml"], 2, "generator.model: "),
+    ("cli-unknown-encoder", {"x.yaml": "regime: rag\nretriever: {kind: dense, encoder: no-such-org/enc}\n"},
+     ["run", "{d}/x.yaml"], 2, "retriever.encoder: "),
+    ("cli-unknown-dataset", {"x.yaml": "regime: closed_book\ndata: {dataset: no-such-dataset}\n"},
+     ["run", "{d}/x.yaml"], 2, "unknown dataset 'no-such-dataset'"),
+    ("cli-few-shot-past-pool", {"x.yaml": "regime: closed_book\ndata: {dataset: '{d}/qa.jsonl', train_split: '{d}/qa.jsonl'}\n"
+                                          "generator: {n_few_shot: 5}\n", "qa.jsonl": json.dumps(Q) + "\n"},
+     ["run", "{d}/x.yaml"], 2, "generator.n_few_shot = 5 but the train split"),
+    ("cli-ok-check", {"x.yaml": "regime: closed_book\n"}, ["check-config", "{d}/x.yaml"], 0, "ok "),
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=lambda c: c[0])
+def test_cli_prints_one_line_per_error(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(tmp_path / "results"))  # (the model cache stays: make models built it)
+    _, files, argv, code, fragment = case
+    for name, body in files.items():
+        (tmp_path / name).write_text(body.replace("{d}", str(tmp_path)))
+    got, out = run_cli([a.replace("{d}", str(tmp_path)) for a in argv], capsys)
+    assert got == code and fragment in out, out
+    if code == 2 and "invalid choice" not in fragment:
+        errors = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and fragment in errors[0] and "Traceback" not in out, out
+    assert not (tmp_path / "results" / "runs").exists()
+
+
+def test_cli_debug_shows_the_traceback(tmp_path, capsys):
+    from rag_lab.cli import main
+
+    (tmp_path / "x.yaml").write_text("regime: rag\nregime: rag\n")
+    with pytest.raises(ConfigError, match="duplicate key"):
+        main(["--debug", "check-config", str(tmp_path / "x.yaml")])
+
+
+# ---------------------------------------------------------------- the results table and the run folders
+
+COMMITTED = Path(__file__).resolve().parent.parent / "results"
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    """A copy of the committed default results (real run folders) to damage."""
+    import shutil
+
+    root = tmp_path / "results"
+    shutil.copytree(COMMITTED / "runs", root / "runs")
+    shutil.copy(COMMITTED / "main_table.csv", root / "main_table.csv")
+    monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(root))
+    return root
+
+
+def committed_rows() -> list[tuple]:
+    table = pd.read_csv(COMMITTED / "main_table.csv")
+    return sorted(zip(table["experiment"], table["eval_set"], table["em"], table["f1"], table["run"]))
+
+
+def damage_empty(p: Path) -> None:
+    p.write_text("")
+
+
+def damage_header_only(p: Path) -> None:
+    p.write_text(p.read_text().splitlines()[0] + "\n")
+
+
+def damage_truncated_mid_row(p: Path) -> None:
+    body = p.read_bytes()
+    p.write_bytes(body[: len(body) * 2 // 3])
+
+
+def damage_rows_lost(p: Path) -> None:
+    lines = p.read_text().splitlines(keepends=True)
+    p.write_text("".join(lines[:-3]))
+
+
+def damage_missing(p: Path) -> None:
+    p.unlink()
+
+
+def damage_column_dropped(p: Path) -> None:
+    pd.read_csv(p).drop(columns=["em"]).to_csv(p, index=False)
+
+
+def damage_binary(p: Path) -> None:
+    p.write_bytes(b"\x00\xff\xfe garbage \x00" * 10)
+
+
+def damage_cell_blanked(p: Path) -> None:
+    t = pd.read_csv(p)
+    t.loc[2, "em"] = None
+    t.to_csv(p, index=False)
+
+
+TABLE_DAMAGE = [damage_empty, damage_header_only, damage_truncated_mid_row, damage_rows_lost, damage_missing,
+                damage_column_dropped, damage_binary, damage_cell_blanked]
+
+
+@pytest.mark.parametrize("damage", TABLE_DAMAGE, ids=lambda f: "table-" + f.__name__.removeprefix("damage_"))
+def test_a_damaged_main_table_is_detected_and_rebuilt_from_the_run_folders(damage, results, capsys):
+    from rag_lab.runner import main_table_problem, repair_main_table
+
+    assert main_table_problem() is None
+    damage(results / "main_table.csv")
+    problem = main_table_problem()
+    assert problem and "main_table.csv" in problem
+    assert repair_main_table() == problem and "rebuilding it from the run folders" in capsys.readouterr().err
+    assert main_table_problem() is None
+    rebuilt = pd.read_csv(results / "main_table.csv")
+    assert sorted(zip(rebuilt["experiment"], rebuilt["eval_set"], rebuilt["em"], rebuilt["f1"], rebuilt["run"])) == committed_rows()
+    assert (results / "main_table.md").read_text() == (COMMITTED / "main_table.md").read_text()
+
+
+def test_cli_table_rebuild_and_runs_check(results, capsys):
+    damage_empty(results / "main_table.csv")
+    code, out = run_cli(["runs", "--check"], capsys)
+    assert code == 1 and "BAD  main_table.csv" in out and "rag-lab table --rebuild" in out
+    code, out = run_cli(["table", "--rebuild"], capsys)
+    assert code == 0 and "rebuilt from the run folders" in out and "qwen_rag" in out
+    assert run_cli(["runs", "--check"], capsys)[0] == 0
+
+
+RUN_DAMAGE = [  # (id, how to damage one run folder, fragment of the report)
+    ("run-missing-metrics", lambda d: (d / "metrics.json").unlink(), "incomplete: no metrics.json"),
+    ("run-missing-predictions", lambda d: (d / "predictions.jsonl").unlink(), "incomplete: no predictions.jsonl"),
+    ("run-truncated-predictions", lambda d: (d / "predictions.jsonl").write_text(
+        "".join((d / "predictions.jsonl").read_text().splitlines(keepends=True)[:10])), "inconsistent: metrics.json says n=300"),
+    ("run-corrupt-metrics", lambda d: (d / "metrics.json").write_text("{"), "unreadable"),
+    ("run-renamed-experiment", lambda d: d.rename(d.parent.parent / "other_name" / d.name) if (d.parent.parent / "other_name").mkdir() is None else None,
+     "inconsistent: config.json names 'closed_book_zero_shot'"),
+]
+
+
+@pytest.mark.parametrize("case", RUN_DAMAGE, ids=lambda c: c[0])
+def test_runs_check_reports_a_damaged_run_folder(case, results, capsys):
+    _, damage, fragment = case
+    damage(next((results / "runs" / "closed_book_zero_shot").iterdir()))
+    code, out = run_cli(["runs", "--check"], capsys)
+    assert code == 1 and fragment in out, out
+    assert run_cli(["runs"], capsys)[0] == 0  # without --check it lists and exits 0
+
+
+def test_a_run_folder_appears_only_complete(tmp_path, monkeypatch):
+    from rag_lab import runner
+    from rag_lab.config import ExperimentConfig
+
+    monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(tmp_path / "results"))
+    real = runner.write_jsonl
+
+    def killed(path, rows):  # the process dies while writing predictions.jsonl
+        real(path, rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "write_jsonl", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runner.write_run_folder(ExperimentConfig(name="x"), "default", "k" * 20, [{"id": 1}], {"all": {"n": 1}}, {})
+    assert not (tmp_path / "results" / "runs" / "x" / ("k" * 12)).exists()
+    assert list((tmp_path / "results" / "runs" / "x").iterdir()) == []  # and no temporary left behind
+
+
+def test_orphan_temporaries_of_dead_processes_are_cleaned_live_ones_kept(tmp_path):
+    import os
+
+    from rag_lab.io import TMP_MARK, clean_orphans
+
+    dead = tmp_path / f".main_table.csv.{TMP_MARK}999999999.x1.tmp"
+    dead_dir = tmp_path / "runs" / "e" / f".abc.{TMP_MARK}999999998.q"
+    live = tmp_path / f".timings.csv.{TMP_MARK}{os.getpid()}.x2.tmp"
+    dead_dir.mkdir(parents=True)
+    dead.write_text("half")
+    live.write_text("being written")
+    assert sorted(clean_orphans(tmp_path)) == sorted([dead, dead_dir])
+    assert live.exists() and not dead.exists() and not dead_dir.exists()

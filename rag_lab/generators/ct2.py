@@ -24,14 +24,14 @@ from filelock import FileLock
 from rag_lab.config import CT2_COMPUTE_TYPES as COMPUTE_TYPES
 from rag_lab.generators.hf import HFGenerator
 from rag_lab.generators.prompts import Prompt, PromptBuilder
-from rag_lab.io import stable_hash
+from rag_lab.io import UserError, stable_hash
 from rag_lab.models import model_fingerprint
 from rag_lab.paths import cache_dir
 
 CONVERTED_MARK = "rag_lab_ct2.json"  # written last: a folder without it is not a finished conversion
 
 
-class BackendError(ValueError):
+class BackendError(UserError, ValueError):
     """A backend that cannot serve this model or this machine; the message says how to fix it."""
 
 

@@ -40,7 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from rag_lab.config import GeneratorConfig, TrainingConfig
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.generators import DecoderGenerator, prompt_builder
-from rag_lab.io import atomic_dir, write_json
+from rag_lab.io import UserError, atomic_dir, write_json
 from rag_lab.metrics import score_predictions
 from rag_lab.models import load_causal_lm
 
@@ -51,7 +51,7 @@ IGNORE = -100
 T = TypeVar("T")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (bad data, diverged loss, a resume with another config)."""
 
 
