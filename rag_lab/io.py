@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -135,6 +136,100 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
+
+
+# ---------------------------------------------------------------- caches that check themselves
+
+MANIFEST = "rag_lab_manifest.json"  # {relative file: [size, sha256]} of a cache folder, written last
+VERIFIED = ".rag_lab_verified.json"  # {relative file: [size, mtime_ns]} when the manifest last checked out
+
+
+class CacheRepaired(UserWarning):
+    """A damaged cache entry was found, reported, deleted and is being rebuilt (never used)."""
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def write_checked(path: str | Path, data: bytes) -> None:
+    """A cache file: written atomically, then its sha256 beside it (`<name>.sha256`); a file
+    without its checksum (killed in between) counts as damaged."""
+    path = Path(path)
+    atomic_write_bytes(path, data)
+    atomic_write_text(checksum_path(path), hashlib.sha256(data).hexdigest() + "\n")
+
+
+def read_checked(path: str | Path) -> bytes | None:
+    """The bytes of a cache file written by `write_checked`; None when there is none, and None
+    (after a CacheRepaired warning and deleting it) when it is damaged: the caller rebuilds it."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    data, side = path.read_bytes(), checksum_path(path)
+    recorded = side.read_text(encoding="utf-8").strip() if side.exists() else None
+    if recorded != hashlib.sha256(data).hexdigest():
+        discard(path, "no checksum" if recorded is None else "checksum mismatch")
+        return None
+    return data
+
+
+def discard(path: Path, why: str) -> None:
+    """Report a damaged cache entry and delete it (file, its checksum, or folder)."""
+    warnings.warn(f"{path}: damaged cache ({why}): deleted, rebuilding it", CacheRepaired, stacklevel=3)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+        checksum_path(path).unlink(missing_ok=True)
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the size and sha256 of every file in a cache folder (call it last, inside `atomic_dir`)."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name not in (MANIFEST, VERIFIED))
+    manifest = {f.relative_to(folder).as_posix(): [f.stat().st_size, sha256_file(f)] for f in files}
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def folder_is_intact(folder: Path) -> bool:
+    """True if every file of `folder`'s manifest is there with its size and sha256, and nothing else
+    was added; otherwise the folder is reported and deleted (False: rebuild it). No folder: False."""
+    if not folder.exists():
+        return False
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        discard(folder, f"no readable {MANIFEST}")
+        return False
+    files = {f.relative_to(folder).as_posix(): f for f in folder.rglob("*") if f.is_file() and f.name not in (MANIFEST, VERIFIED)}
+    if set(files) != set(manifest):
+        discard(folder, f"files differ from {MANIFEST}")
+        return False
+    for name, (size, digest) in manifest.items():
+        if files[name].stat().st_size != size or sha256_file(files[name]) != digest:
+            discard(folder, f"{name} differs from {MANIFEST}")
+            return False
+    return True
+
+
+def verified_folder(folder: Path) -> bool:
+    """`folder_is_intact` for large folders (model weights): the full sha256 check runs when a file's
+    size or mtime differs from the last successful check (a truncated, replaced or rewritten file),
+    otherwise the recorded stamps vouch for it. False (folder deleted) when it fails."""
+    stamps_path = folder / VERIFIED
+    try:
+        stamps = json.loads(stamps_path.read_text(encoding="utf-8"))
+        if stamps and all([(folder / n).stat().st_size, (folder / n).stat().st_mtime_ns] == v for n, v in stamps.items()) \
+                and set(stamps) == set(json.loads((folder / MANIFEST).read_text(encoding="utf-8"))):
+            return True
+    except (OSError, ValueError):
+        pass
+    if not folder_is_intact(folder):
+        return False
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    stamps = {n: [(folder / n).stat().st_size, (folder / n).stat().st_mtime_ns] for n in manifest}
+    atomic_write_text(stamps_path, json.dumps(stamps) + "\n")
+    return True
 
 
 def stable_hash(obj) -> str:

@@ -43,7 +43,7 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from rag_lab.io import UserError
+from rag_lab.io import UserError, verified_folder, write_manifest
 from rag_lab.paths import cache_dir
 
 # Bump when the layout of the de-quantised cache changes: old caches then count as stale.
@@ -521,7 +521,9 @@ def _cache_is_fresh(target: Path, expected: dict) -> bool:
         return False
     if not all((target / f).is_file() for f in ("model.safetensors", "config.json")):
         return False
-    return isinstance(recorded, dict) and all(recorded.get(k) == v for k, v in expected.items())
+    if not (isinstance(recorded, dict) and all(recorded.get(k) == v for k, v in expected.items())):
+        return False
+    return verified_folder(target)  # every file against the manifest written at build (a damaged one: rebuilt)
 
 
 def _ensure_gguf_cache(entry: EmbeddedModel, gguf: Path) -> Path:
@@ -543,6 +545,7 @@ def _ensure_gguf_cache(entry: EmbeddedModel, gguf: Path) -> Path:
         try:
             _dequantise_gguf(gguf, tmp)
             (tmp / SOURCE_FILE).write_text(json.dumps(expected, indent=2) + "\n")
+            write_manifest(tmp)  # last: the size and sha256 of every file, checked on load
             _swap_in(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed into place

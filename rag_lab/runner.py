@@ -29,12 +29,13 @@ import torch
 import transformers
 
 from rag_lab.config import ConfigError, ExperimentConfig, RetrieverConfig, RetrieverTrainingConfig, from_dict
-from rag_lab.data import load_qa
+from rag_lab.data import DATASETS, load_qa
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.data.subsets import corpus_for, corpus_label, eval_set_name, subset_questions
 from rag_lab.generators import build_generator
-from rag_lab.io import atomic_dir, clean_orphans, read_jsonl, stable_hash, write_json, write_jsonl
-from rag_lab.metrics import AnswerInPassage, bootstrap_ci, score_predictions
+from rag_lab.io import (DataError, atomic_dir, clean_orphans, jsonl_bytes, read_checked, read_jsonl, stable_hash,
+                        verified_folder, write_checked, write_json, write_jsonl)
+from rag_lab.metrics import AnswerInPassage, bootstrap_ci, normalize_answer, score_predictions
 from rag_lab.models import ModelNotFoundError, model_fingerprint, resolve_model
 from rag_lab.paths import REPO_ROOT, cache_dir, profile_results_dir
 from rag_lab.pipeline import Contexts, contexts
@@ -62,6 +63,7 @@ class RunData:
     questions: list[QAExample]  # the eval questions, in file order
     train: list[QAExample]  # the train split (fine-tuning, few-shot demonstrations), else empty
     passages: list[Passage]  # the corpus the retriever searches (regimes with contexts), else empty
+    leak_check: dict = dataclasses.field(default_factory=dict)  # leak_guard's record, written to the run folder
 
 
 # ---------------------------------------------------------------- which stages a regime runs
@@ -113,12 +115,31 @@ def data_stage(cfg: ExperimentConfig) -> RunData:
                               "(nq-mini has it; rag_lab.data.build_nq_mini.mark_answer_in_corpus adds it)")
         questions = [q for q in questions if q.answer_in_corpus]
     needs_train = cfg.generator.n_few_shot > 0 or stages.train is not None
-    train = load_qa(d.dataset, d.train_split) if needs_train else []
+    train, leak_check = leak_guard(cfg, questions, load_qa(d.dataset, d.train_split) if needs_train else [])
     if cfg.generator.n_few_shot > len(train):
         raise ConfigError(f"generator.n_few_shot = {cfg.generator.n_few_shot} but the train split ({d.dataset} / "
                           f"{d.train_split}) holds {len(train)} questions")
     passages = corpus_for(d, questions) if stages.contexts else []
-    return RunData(questions, train, passages)
+    return RunData(questions, train, passages, leak_check)
+
+
+def leak_guard(cfg: ExperimentConfig, questions: list[QAExample], train: list[QAExample]) -> tuple[list[QAExample], dict]:
+    """The train pool (demonstrations and training questions are drawn from it) made disjoint from
+    the eval questions, and the record of the check (written to the run folder as leak_check.json).
+
+    A question is shared when its id or its normalised text is. For a file dataset a shared question
+    is an error that counts them; a registered benchmark keeps its published splits, whose few
+    shared questions (NQ-open's train and dev share some) are held out of the pool and listed."""
+    eval_ids, eval_texts = {q.id for q in questions}, {normalize_answer(q.question) for q in questions}
+    shared = [q for q in train if q.id in eval_ids or normalize_answer(q.question) in eval_texts]
+    if shared and cfg.data.dataset not in DATASETS:
+        raise DataError(f"data.train_split {cfg.data.train_split} and data.dataset {cfg.data.dataset} share {len(shared)} "
+                        f"question(s) (same id or same normalised text), e.g. {shared[0].id!r}: {shared[0].question!r}; "
+                        "remove them from one file")
+    kept = [q for q in train if q not in shared] if shared else train
+    return kept, {"eval_questions": len(questions), "train_pool": len(train), "train_pool_used": len(kept),
+                  "held_out_shared": [q.id for q in shared], "disjoint": True,
+                  "rule": "no train-pool question shares an id or normalised text with an eval question"}
 
 
 # ---------------------------------------------------------------- stage 2: contexts
@@ -181,7 +202,8 @@ def ensure_retriever_trained(tcfg: RetrieverTrainingConfig, data_cfg, passages: 
     record = json.loads(json.dumps({"train_retriever": what, "data": dataclasses.asdict(data_cfg),
                                     "n_passages": len(passages)}, default=str))
     report = out / TRAINING_FILE  # written with the weights: the study's config is part of it
-    if report.exists() and json.loads(report.read_text(encoding="utf-8")).get("study_config") == record:
+    if report.exists() and json.loads(report.read_text(encoding="utf-8")).get("study_config") == record \
+            and verified_folder(out):  # damaged weights are deleted and trained again
         return out
     train = subset_questions(load_qa(data_cfg.dataset, data_cfg.train_split), data_cfg.n_train, data_cfg.subset_seed)
     (bm25,) = contexts(MINING_RETRIEVER, passages, tcfg.mining_depth, train, cache_dir=cache, show_progress=show_progress)
@@ -216,16 +238,17 @@ def generate_stage(cfg: ExperimentConfig, data: RunData, ctx: Contexts | None, m
     key = generation_key(cfg, model_fingerprint(resolve_model(model_path)), data, ctx)
     stage = cache_dir("runs") / f"generate-{key[:20]}"
     done_path, partial_path, timing_path = stage / "predictions.jsonl", stage / "partial.jsonl", stage / "timing.json"
-    if done_path.exists():
+    cached = read_checked(done_path)  # checksum-verified; a damaged file is reported, deleted and regenerated
+    if cached is not None and len(rows := [json.loads(x) for x in cached.decode("utf-8").splitlines() if x.strip()]) == len(data.questions):
         cost = json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.exists() else {"generate_s": None}
-        return [row for _, row in read_jsonl(done_path)], key, cost
+        return rows, key, cost
     generator = build_generator(cfg.generator, data.train, seed=cfg.seed, model_path=model_path)
     # seconds of generation, summed over resumed sessions (loading the model is not counted)
     preds, seconds = _generate_resumable(generator, data.questions, None if ctx is None else ctx.passages,
                                          partial_path, show_progress)
     cost = {"generate_s": None if seconds is None else round(seconds, 2), **generation_cost(generator, preds, model_path)}
     write_json(timing_path, cost)
-    write_jsonl(done_path, preds)
+    write_checked(done_path, jsonl_bytes(preds))
     partial_path.unlink(missing_ok=True)
     return preds, key, cost
 
@@ -356,7 +379,8 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     timings["wall_s"] = time.perf_counter() - t0
     # the row's cost is that of computing it, not of a rerun served from the caches
     compute_s = None if None in compute.values() else timings["data_s"] + timings["retrieve_s"] + sum(compute.values())
-    run_dir = write_run_folder(cfg, profile, key, rows, metrics, {**timings, "compute_s": compute_s}, training)
+    run_dir = write_run_folder(cfg, profile, key, rows, metrics, {**timings, "compute_s": compute_s}, training,
+                               data.leak_check)
     repair_main_table(profile)
     row = table_row(cfg, metrics, eval_set_name(cfg.data, len(data.questions)), compute_s,
                     run_dir.relative_to(profile_results_dir(profile)).as_posix())
@@ -394,7 +418,8 @@ def seed_summary(per_seed) -> dict:
 RUN_FILES = ("config.json", "predictions.jsonl", "metrics.json", "timings.json", "versions.json")
 
 
-def write_run_folder(cfg, profile: str, key: str, rows, metrics, timings, training: dict | None = None) -> Path:
+def write_run_folder(cfg, profile: str, key: str, rows, metrics, timings, training: dict | None = None,
+                     leak_check: dict | None = None) -> Path:
     """results/runs/<name>/<key[:12]>/, written into a temporary folder and renamed: it appears only complete."""
     root = profile_results_dir(profile) / "runs"
     run_dir = root / cfg.name / key[:12]
@@ -403,6 +428,8 @@ def write_run_folder(cfg, profile: str, key: str, rows, metrics, timings, traini
     with atomic_dir(run_dir) as tmp:
         if training:
             write_json(tmp / "training.json", training)
+        if leak_check:
+            write_json(tmp / "leak_check.json", leak_check)
         write_json(tmp / "config.json", {"profile": profile, **cfg.to_dict()})
         write_jsonl(tmp / "predictions.jsonl", rows)
         write_json(tmp / "metrics.json", metrics)

@@ -251,9 +251,23 @@ CLI_CASES = [  # (id, files to write, argv, exit code, fragment of the one line)
      ["run", "{d}/x.yaml"], 2, "retriever.encoder: "),
     ("cli-unknown-dataset", {"x.yaml": "regime: closed_book\ndata: {dataset: no-such-dataset}\n"},
      ["run", "{d}/x.yaml"], 2, "unknown dataset 'no-such-dataset'"),
-    ("cli-few-shot-past-pool", {"x.yaml": "regime: closed_book\ndata: {dataset: '{d}/qa.jsonl', train_split: '{d}/qa.jsonl'}\n"
-                                          "generator: {n_few_shot: 5}\n", "qa.jsonl": json.dumps(Q) + "\n"},
+    ("cli-few-shot-past-pool", {"x.yaml": "regime: closed_book\ndata: {dataset: '{d}/qa.jsonl', train_split: '{d}/train.jsonl'}\n"
+                                          "generator: {n_few_shot: 5}\n", "qa.jsonl": json.dumps(Q) + "\n",
+                                "train.jsonl": json.dumps(dict(Q, id="t1", question="who wrote macbeth")) + "\n"},
      ["run", "{d}/x.yaml"], 2, "generator.n_few_shot = 5 but the train split"),
+    ("leak-file-dataset-without-train-file", {"x.yaml": "regime: closed_book\ndata: {dataset: '{d}/qa.jsonl'}\n"
+                                                        "generator: {n_few_shot: 1}\n", "qa.jsonl": json.dumps(Q) + "\n"},
+     ["run", "{d}/x.yaml"], 2, "split 'train' must be a file too: set data.train_split to the train file"),
+    ("leak-same-file-for-train-and-eval", {"x.yaml": "regime: closed_book\ndata: {dataset: '{d}/qa.jsonl', train_split: '{d}/qa.jsonl'}\n"
+                                                     "generator: {n_few_shot: 1}\n", "qa.jsonl": json.dumps(Q) + "\n"},
+     ["run", "{d}/x.yaml"], 2, "share 1 question(s) (same id or same normalised text), e.g. 'q1'"),
+    ("leak-same-text-other-id", {"x.yaml": "regime: closed_book\ndata: {dataset: '{d}/qa.jsonl', train_split: '{d}/t.jsonl'}\n"
+                                           "generator: {n_few_shot: 1}\n", "qa.jsonl": json.dumps(Q) + "\n",
+                                 "t.jsonl": json.dumps(dict(Q, id="t9", question="Who wrote Hamlet?")) + "\n"},
+     ["run", "{d}/x.yaml"], 2, "share 1 question(s)"),
+    ("leak-fine-tuning-from-eval-file", {"x.yaml": "regime: closed_book_ft\ntraining: {enabled: true}\n"
+                                                   "data: {dataset: '{d}/qa.jsonl'}\n", "qa.jsonl": json.dumps(Q) + "\n"},
+     ["run", "{d}/x.yaml"], 2, "must be a file too"),
     ("cli-ok-check", {"x.yaml": "regime: closed_book\n"}, ["check-config", "{d}/x.yaml"], 0, "ok "),
 ]
 
@@ -417,3 +431,82 @@ def test_orphan_temporaries_of_dead_processes_are_cleaned_live_ones_kept(tmp_pat
     live.write_text("being written")
     assert sorted(clean_orphans(tmp_path)) == sorted([dead, dead_dir])
     assert live.exists() and not dead.exists() and not dead_dir.exists()
+
+
+def test_the_leak_guard_holds_out_a_registered_benchmarks_shared_questions():
+    """NQ-open's train and dev share a question; nq-mini keeps the published splits, so the run holds
+    the train copy out of the pool (demonstrations, training) and lists it in leak_check.json."""
+    from rag_lab.config import DataConfig
+    from rag_lab.runner import leak_guard
+
+    cfg = ExperimentConfig(data=DataConfig())
+    questions, train = load_qa("nq-mini", "eval"), load_qa("nq-mini", "train")
+    kept, record = leak_guard(cfg, questions, train)
+    assert len(record["held_out_shared"]) == 1 and len(kept) == len(train) - 1 == record["train_pool_used"]
+    assert record["disjoint"] and not {q.id for q in kept} & {q.id for q in questions}
+    kept300, record300 = leak_guard(cfg, questions[:300], train)  # the default eval subset shares nothing: pool unchanged
+    assert kept300 == train or record300["held_out_shared"]
+
+
+# ---------------------------------------------------------------- corrupt caches: reported, deleted, rebuilt — never used
+
+def test_a_reordered_retrieval_cache_is_detected_and_retrieved_again(tmp_path):
+    from rag_lab.data.records import Passage, QAExample
+    from rag_lab.io import CacheRepaired
+    from rag_lab.retrievers import BM25Retriever, cached_retrieve
+
+    passages = [Passage(f"p{i}", t, f"{t} is a city in {c}") for i, (t, c) in enumerate(
+        [("Paris", "France"), ("Berlin", "Germany"), ("Rome", "Italy"), ("Madrid", "Spain")])]
+    questions = [QAExample("a", "city in france", ("Paris",)), QAExample("b", "city in italy", ("Rome",))]
+    bm25 = BM25Retriever(passages, cache_dir=tmp_path, show_progress=False)
+    first = cached_retrieve(bm25, questions, 2, tmp_path)
+    (path,) = (tmp_path / "results").glob("*.jsonl")
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(reversed(lines)))  # hits now sit beside the wrong question
+    with pytest.warns(CacheRepaired, match="checksum mismatch"):
+        again = cached_retrieve(bm25, questions, 2, tmp_path)
+    assert again == first and again[0][0].passage_id == "p0"
+
+
+def test_a_zeroed_bm25_array_is_detected_and_the_index_rebuilt(tmp_path):
+    import numpy as np
+
+    from rag_lab.data.records import Passage, QAExample
+    from rag_lab.io import CacheRepaired
+    from rag_lab.retrievers import BM25Retriever
+
+    passages = [Passage(f"p{i}", "", t) for i, t in enumerate(["red apples", "green pears", "blue plums"])]
+    q = [QAExample("q", "green pears", ("pears",))]
+    good = BM25Retriever(passages, cache_dir=tmp_path, show_progress=False).retrieve(q, 1)
+    (folder,) = tmp_path.glob("bm25-*")
+    array = next(folder.glob("*.npy"))
+    np.save(array, np.zeros_like(np.load(array)))
+    with pytest.warns(CacheRepaired, match="differs from rag_lab_manifest.json"):
+        rebuilt = BM25Retriever(passages, cache_dir=tmp_path, show_progress=False)
+    assert rebuilt.cache_hit is False and rebuilt.retrieve(q, 1) == good
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "checksum-missing"])
+def test_damaged_embeddings_and_faiss_index_are_rebuilt(tmp_path, damage):
+    from test_retrievers import make_tiny_encoder
+
+    from rag_lab.data.records import Passage
+    from rag_lab.io import CacheRepaired, checksum_path
+    from rag_lab.retrievers import DenseRetriever
+
+    encoder = make_tiny_encoder(tmp_path / "enc")
+    passages = [Passage(f"p{i}", "", f"passage number {i} about topic {i % 3}") for i in range(12)]
+    first = DenseRetriever(passages, encoder=encoder, cache_dir=tmp_path / "c", show_progress=False)
+    for pattern in ("emb-*.npy", "faiss-*.index"):
+        (path,) = (tmp_path / "c").glob(pattern)
+        data = path.read_bytes()
+        if damage == "truncate":
+            path.write_bytes(data[: len(data) // 2])
+        elif damage == "flip":
+            path.write_bytes(data[:-8] + bytes(8))
+        else:
+            checksum_path(path).unlink()
+    with pytest.warns(CacheRepaired):
+        again = DenseRetriever(passages, encoder=encoder, cache_dir=tmp_path / "c", show_progress=False)
+    assert again.cache_hit == {"embeddings": False, "index": False}
+    assert (again.embeddings == first.embeddings).all()

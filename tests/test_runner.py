@@ -185,3 +185,16 @@ def test_a_name_built_in_code_cannot_leave_results(env):
 
     with pytest.raises(ConfigError, match="use letters, digits"):
         config(env, name="../../outside")
+
+
+def test_a_tampered_generation_cache_is_regenerated_not_used(env, monkeypatch):
+    from rag_lab.io import CacheRepaired
+
+    cfg = config(env, regime="closed_book", retriever={"kind": "none"})
+    first = run_experiment(cfg, show_progress=False)
+    (cached,) = (env / "cache" / "runs").glob("generate-*/predictions.jsonl")
+    rows = cached.read_text().splitlines()
+    cached.write_text("\n".join([rows[0].replace('"prediction": "', '"prediction": "tampered ')] + rows[1:]) + "\n")
+    with pytest.warns(CacheRepaired, match="checksum mismatch"):
+        second = run_experiment(cfg, show_progress=False)
+    assert (second.run_dir / "predictions.jsonl").read_bytes() == (first.run_dir / "predictions.jsonl").read_bytes()

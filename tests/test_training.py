@@ -242,3 +242,20 @@ def test_two_processes_match_one(tmp_path):
     for k in r0:
         torch.testing.assert_close(r0[k], r1[k], rtol=0, atol=0, msg=f"ranks differ on {k}")
         torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5, msg=f"2 processes != 1 process on {k}")
+
+
+def test_a_finished_model_with_damaged_weights_is_trained_again(tmp_path):
+    """Issue 13: `finished` vouches for a final folder only when its files match the manifest written with it."""
+    from rag_lab.io import CacheRepaired
+    from rag_lab.training.generator import FINAL, finished, save_model
+
+    model, tok = make_tiny_causal_lm()
+    record = {"what": "tiny"}
+    save_model(model, tok, tmp_path / "out" / FINAL, {"record": record, "train_loss": 1.0})
+    assert finished(tmp_path / "out", record)["train_loss"] == 1.0
+    assert finished(tmp_path / "out", {"what": "else"}) is None
+    weights = tmp_path / "out" / FINAL / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.warns(CacheRepaired):
+        assert finished(tmp_path / "out", record) is None
+    assert not (tmp_path / "out" / FINAL).exists()

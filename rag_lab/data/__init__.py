@@ -56,11 +56,18 @@ def _hub_id(name: str) -> tuple[str, str | None] | None:
 
 
 def load_qa(name_or_path: str, split: str = "eval") -> list[QAExample]:
-    """QA examples from a registered name, a local file, or a hub dataset id."""
+    """QA examples from a registered name, a local file, or a hub dataset id. A file dataset is
+    the eval split; its train split is another file, named by `split` (`data.train_split`)."""
     if name_or_path in DATASETS:
         return DATASETS[name_or_path].load_split(split)
-    if Path(name_or_path).is_file():
-        return load_qa_file(name_or_path)
+    if Path(name_or_path).is_file():  # a file is one split: the eval set; any other split names its own file
+        if split == "eval":
+            return load_qa_file(name_or_path)
+        if Path(split).is_file():
+            return load_qa_file(split)
+        raise DataError(f"data.dataset {name_or_path} is a file, so it is the eval set; split {split!r} must be a file "
+                        "too: set data.train_split to the train file (demonstrations or training questions drawn from "
+                        "the eval file would leak into the evaluation)")
     hub = _hub_id(name_or_path)
     if hub:
         return load_hub_qa(hub[0], split, hub[1])

@@ -10,7 +10,7 @@ import bm25s
 import numpy as np
 
 from rag_lab.data.records import Passage, QAExample, passage_text
-from rag_lab.io import atomic_dir, stable_hash
+from rag_lab.io import atomic_dir, folder_is_intact, stable_hash, write_manifest
 from rag_lab.retrievers.base import Hit, check_k, check_questions, corpus_fingerprint, hits_from_arrays
 from rag_lab.retrievers.cache import retriever_cache_dir
 
@@ -42,7 +42,7 @@ class BM25Retriever:
 
     def _load_or_build(self, cache_dir: Path | None) -> bm25s.BM25:
         folder = retriever_cache_dir(cache_dir) / f"bm25-{self.fingerprint()[:16]}"
-        if (folder / "params.index.json").exists():
+        if folder_is_intact(folder):  # every file checked against the manifest; a damaged index is rebuilt
             self.cache_hit = True
             return bm25s.BM25.load(str(folder), show_progress=False)
         t0 = time.perf_counter()
@@ -52,6 +52,7 @@ class BM25Retriever:
         index.index(tokens, show_progress=self.show_progress)
         with atomic_dir(folder) as tmp:
             index.save(str(tmp), show_progress=False)
+            write_manifest(tmp)
         self.build = {"kind": "bm25", "seconds": time.perf_counter() - t0, "note": f"{len(self.passages)} passages"}
         return index
 

@@ -1,11 +1,13 @@
 """On-disk cache of retrieval results per question set (index folders are cached by each retriever)."""
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Sequence
 
 from rag_lab.data.records import QAExample
-from rag_lab.io import read_jsonl, stable_hash, write_jsonl
+from rag_lab.io import discard, jsonl_bytes, read_checked, stable_hash, write_checked
 from rag_lab.paths import cache_dir as cache_root
 from rag_lab.retrievers.base import Hit
 
@@ -24,8 +26,13 @@ def cached_retrieve(retriever, questions: Sequence[QAExample], k: int, cache_dir
     """`retriever.retrieve(questions, k)`, saved as jsonl keyed by (retriever, questions, k) and reused."""
     key = stable_hash([retriever.fingerprint(), questions_fingerprint(questions), k])
     path = retriever_cache_dir(cache_dir) / "results" / f"{key[:24]}.jsonl"
-    if path.exists():
-        return [[Hit(*h) for h in row["hits"]] for _, row in read_jsonl(path)]
+    cached = read_checked(path)  # a damaged or re-ordered file fails its checksum: deleted and retrieved again
+    if cached is not None:
+        rows = [json.loads(line) for line in cached.decode("utf-8").splitlines() if line.strip()]
+        if [r["id"] for r in rows] == [q.id for q in questions]:
+            return [[Hit(*h) for h in row["hits"]] for row in rows]
+        discard(path, "its question ids are not this question set's, in order")
     hits = retriever.retrieve(questions, k)
-    write_jsonl(path, ({"id": q.id, "hits": [[h.passage_id, h.score, h.rank] for h in hs]} for q, hs in zip(questions, hits)))
+    write_checked(path, jsonl_bytes({"id": q.id, "hits": [[h.passage_id, h.score, h.rank] for h in hs]}
+                                    for q, hs in zip(questions, hits)))
     return hits

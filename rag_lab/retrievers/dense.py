@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 
 from rag_lab.data.records import Passage, QAExample, passage_text
-from rag_lab.io import atomic_write_bytes, stable_hash
+from rag_lab.io import read_checked, stable_hash, write_checked
 from rag_lab.models import load_sentence_encoder, model_fingerprint, resolve_model
 from rag_lab.retrievers.base import Hit, check_k, check_questions, corpus_fingerprint, hits_from_arrays
 from rag_lab.retrievers.cache import retriever_cache_dir
@@ -63,9 +63,10 @@ class DenseRetriever:
 
     def _load_or_encode(self) -> np.ndarray:
         path = self.cache_dir / f"emb-{self._embedding_key()[:16]}.npy"
-        if path.exists():
+        cached = read_checked(path)  # checksum-verified; a damaged file is reported, deleted and re-encoded
+        if cached is not None:
             self.cache_hit["embeddings"] = True
-            return np.load(path, allow_pickle=False)
+            return np.load(io.BytesIO(cached), allow_pickle=False)
 
         t0 = time.perf_counter()
         texts = [self.params["passage_prefix"] + passage_text(p) for p in self.passages]
@@ -86,12 +87,13 @@ class DenseRetriever:
 
     def _load_or_build_index(self) -> faiss.Index:
         path = self.cache_dir / f"faiss-{stable_hash([self._embedding_key(), self.index_factory])[:16]}.index"
-        if path.exists():
+        cached = read_checked(path)
+        if cached is not None:
             self.cache_hit["index"] = True
-            index = faiss.read_index(str(path))
+            index = faiss.deserialize_index(np.frombuffer(cached, dtype=np.uint8))
         else:
             index = build_faiss_index(self.embeddings, self.index_factory)
-            atomic_write_bytes(path, faiss.serialize_index(index).tobytes())
+            write_checked(path, faiss.serialize_index(index).tobytes())
         if self.search_params:
             faiss.ParameterSpace().set_index_parameters(index, self.search_params)
         return index
@@ -118,7 +120,7 @@ def build_faiss_index(vectors: np.ndarray, factory: str = "Flat") -> faiss.Index
 def _save_npy(path: Path, array: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    write_checked(path, buf.getvalue())
 
 
 def _module_fingerprint(model) -> str:

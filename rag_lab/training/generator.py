@@ -40,7 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from rag_lab.config import GeneratorConfig, TrainingConfig
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.generators import DecoderGenerator, prompt_builder
-from rag_lab.io import UserError, atomic_dir, write_json
+from rag_lab.io import UserError, atomic_dir, verified_folder, write_json, write_manifest
 from rag_lab.metrics import score_predictions
 from rag_lab.models import load_causal_lm
 
@@ -98,7 +98,9 @@ def finished(output_dir: Path, record: dict) -> dict | None:
     if not done.exists():
         return None
     info = json.loads(done.read_text(encoding="utf-8"))
-    return info if info.get("record") == json.loads(json.dumps(record)) else None
+    if info.get("record") != json.loads(json.dumps(record)):
+        return None
+    return info if verified_folder(Path(output_dir) / FINAL) else None  # damaged weights: deleted, trained again
 
 
 # ---------------------------------------------------------------- data
@@ -362,6 +364,7 @@ def save_model(model, tokenizer, path: str | Path, info: dict) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / TRAINING_FILE, info)
+        write_manifest(tmp)
     return path
 
 

@@ -33,7 +33,7 @@ from sentence_transformers import SentenceTransformerTrainer, SentenceTransforme
 
 from rag_lab.config import RetrieverTrainingConfig
 from rag_lab.data.records import Passage, QAExample, passage_text
-from rag_lab.io import atomic_dir, write_json
+from rag_lab.io import atomic_dir, write_json, write_manifest
 from rag_lab.metrics import AnswerInPassage
 from rag_lab.models import load_sentence_encoder
 from rag_lab.training.generator import TRAINING_FILE
@@ -213,6 +213,7 @@ def fit_dense_retriever(encoder, pairs: Sequence[TrainPair], output_dir: str | P
     with atomic_dir(Path(output_dir)) as tmp:
         model.save(str(tmp))
         write_json(tmp / TRAINING_FILE, report)
+        write_manifest(tmp)
     return report
 
 
