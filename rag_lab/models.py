@@ -43,11 +43,12 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from rag_lab.io import UserError, verified_folder, write_manifest
+from rag_lab.io import MANIFEST, UserError, verified_folder, write_manifest
 from rag_lab.paths import cache_dir
 
 # Bump when the layout of the de-quantised cache changes: old caches then count as stale.
 CACHE_FORMAT = 1
+NOT_WEIGHTS = ("rag_lab_training.json", MANIFEST)  # left out of `model_fingerprint`
 SOURCE_FILE = "rag_lab_source.json"  # what a cache was built from; see `_cache_is_fresh`
 _OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub accepts as "true"
 
@@ -673,6 +674,8 @@ def model_fingerprint(resolved: str | Path) -> str:
     path = Path(resolved)
     if not path.is_dir():
         return str(resolved)
-    files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+    # what the model computes with, not how it was made: a training report (its seconds) or a manifest
+    # differs between two trainings that give the same weights, and must not give another run id
+    files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith(".") and f.name not in NOT_WEIGHTS)
     stamp = tuple((f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     return _folder_fingerprint(str(path), stamp)

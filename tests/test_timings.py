@@ -132,7 +132,8 @@ def test_measure_peaks_is_positive_and_cached():
 
 
 def test_int8_gemm_is_exact():
-    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    gen = torch.Generator().manual_seed(0)  # values inside b's int8 range (|b| < 4): the comparison is about the path
+    a, b = torch.rand(64, 64, generator=gen) * 2 - 1, torch.rand(64, 64, generator=gen) * 2 - 1
     got = timings._int8_gemm(a, b)()
     qa, qb = (torch.clamp(x * 32, -128, 127).to(torch.int8) for x in (a, b))
     if got.dtype == torch.int32:  # torch._int_mm: the integer product itself
@@ -144,7 +145,8 @@ def test_int8_gemm_falls_back_to_dynamic_quantized_linear(monkeypatch):
         raise RuntimeError("_int_mm: not supported on this backend")
 
     monkeypatch.setattr(torch, "_int_mm", unsupported)
-    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    gen = torch.Generator().manual_seed(0)  # values inside b's int8 range (|b| < 4): the comparison is about the path
+    a, b = torch.rand(64, 64, generator=gen) * 2 - 1, torch.rand(64, 64, generator=gen) * 2 - 1
     got = timings._int8_gemm(a, b)()
     assert got.dtype == torch.float32 and got.shape == (64, 64)
-    assert torch.allclose(got, a @ b, atol=0.5)  # b quantised in steps of 1/32
+    assert torch.allclose(got, a @ b, atol=0.25)  # b quantised in steps of 1/32, a dynamically

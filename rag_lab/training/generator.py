@@ -40,7 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from rag_lab.config import GeneratorConfig, TrainingConfig
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.generators import DecoderGenerator, prompt_builder
-from rag_lab.io import UserError, atomic_dir, verified_folder, write_json, write_manifest
+from rag_lab.io import UserError, atomic_dir, discard, verified_folder, write_json, write_manifest
 from rag_lab.metrics import score_predictions
 from rag_lab.models import load_causal_lm
 
@@ -290,7 +290,13 @@ def close_process_group_at_exit() -> None:
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
-    return get_last_checkpoint(str(output_dir)) if output_dir.exists() else None
+    """The last complete checkpoint. The Trainer writes `trainer_state.json` last, so a folder without
+    it was cut off by a kill mid-write: it is reported and deleted, and the one before it is used."""
+    while output_dir.exists() and (last := get_last_checkpoint(str(output_dir))):
+        if (Path(last) / "trainer_state.json").is_file():
+            return last
+        discard(Path(last), "a checkpoint cut off mid-write (no trainer_state.json)")
+    return None
 
 
 # ---------------------------------------------------------------- training
