@@ -23,6 +23,7 @@ import torch
 
 from rag_lab import models
 from rag_lab.models import EMBEDDED_MODELS, ModelIntegrityError, ModelNotFoundError
+from rag_lab.io import write_manifest
 from rag_lab.paths import REPO_ROOT, cache_dir
 from tiny_models import make_tiny_causal_lm, make_tiny_seq2seq
 
@@ -160,11 +161,15 @@ def _write_cache(path: Path, source) -> Path:
     (path / "model.safetensors").write_bytes(b"x")
     (path / "config.json").write_text("{}")
     (path / models.SOURCE_FILE).write_text(source if isinstance(source, str) else json.dumps(source))
+    write_manifest(path)  # as `_ensure_gguf_cache` does last
     return path
 
 
 def test_cache_is_fresh_predicate(tmp_path):
     assert models._cache_is_fresh(_write_cache(tmp_path / "ok", EXPECTED), EXPECTED)
+    (tmp_path / "ok" / "model.safetensors").write_bytes(b"y")  # same size, other bytes: the manifest says no
+    with pytest.warns(UserWarning, match="differs from rag_lab_manifest.json"):
+        assert not models._cache_is_fresh(tmp_path / "ok", EXPECTED)
     assert not models._cache_is_fresh(tmp_path / "missing", EXPECTED)
     assert not models._cache_is_fresh(_write_cache(tmp_path / "corrupt", '{"gguf_sha2'), EXPECTED)
     assert not models._cache_is_fresh(_write_cache(tmp_path / "list", "[]"), EXPECTED)
