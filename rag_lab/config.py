@@ -32,11 +32,23 @@ class ConfigError(UserError, ValueError):
     """A bad configuration; the message names the file and the key."""
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
-    """A dataclass field with a one-line help string in its metadata."""
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, late: bool = False):
+    """A dataclass field with a one-line help string in its metadata. `late`: a field added after
+    results were recorded, left out of cache keys while it holds its default (see `key_view`)."""
+    metadata = {"help": text, "late": late}
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def key_view(section) -> dict[str, Any]:
+    """A config section as it enters cache keys and training records: every field, except the
+    `late` ones that hold their default, so adding a field moves no existing run id or cache."""
+    out = dataclasses.asdict(section)
+    for f in dataclasses.fields(section):
+        if f.metadata.get("late") and out[f.name] == f.default:
+            del out[f.name]
+    return out
 
 
 PROFILES = ("smoke", "default", "extended", "full")
@@ -86,8 +98,15 @@ class RetrieverConfig:
     fusion: Literal["rrf", "weighted"] = _help("hybrid fusion: reciprocal-rank or weighted normalised scores", "rrf")
     rrf_k: int = _help("RRF constant: score = sum 1/(rrf_k + rank)", 60)
     dense_weight: float = _help("weighted fusion: weight of the dense score (BM25 gets 1 - w)", 0.5)
+    # end-to-end RAG (regime rag_e2e_ft) and the readers that weigh passages (generator.combine)
+    temperature: float = _help("p_eta(z|x) = softmax over the top-k of score / temperature (scores are cosine similarities "
+                               "of normalised embeddings, so a small value: 0.05 spreads a 0.1 score gap over 2 nats)", 0.05, late=True)
+    query_encoder: str = _help("dense: encoder for the questions when it is not `encoder` (a query encoder trained end to "
+                               "end; the passages keep `encoder`'s embeddings); empty: `encoder`", "", late=True)
 
     def __post_init__(self):
+        if self.temperature <= 0:
+            raise ConfigError(f"retriever.temperature must be positive, got {self.temperature}")
         if self.k <= 0:
             raise ConfigError(f"retriever.k must be positive, got {self.k}")
         if not 0.0 <= self.dense_weight <= 1.0:
@@ -116,8 +135,20 @@ class GeneratorConfig:
     n_few_shot: int = _help("demonstrations drawn from the train split with a fixed seed", 0)
     strip_prefixes: list[str] = _help("boilerplate removed from the start of answers",
                                       factory=lambda: ["the answer to the question is", "the answer is", "answer:"])
+    combine: Literal["concat", "rag_sequence", "rag_token", "fid"] = _help(
+        "how the reader uses its k passages: concat (one prompt), rag_sequence / rag_token (one prompt per passage, "
+        "marginalised with p_eta(z|x): Lewis et al. 2020), fid (Fusion-in-Decoder, encoder-decoder readers)", "concat", late=True)
+    rag_sequence_decoding: Literal["thorough", "fast"] = _help(
+        "combine rag_sequence: thorough scores every passage's candidate against every passage (the paper's); fast only "
+        "against the passages that produced it", "thorough", late=True)
 
     def __post_init__(self):
+        if self.combine != "concat" and self.backend != "transformers":
+            raise ConfigError(f"generator.combine {self.combine!r} runs on generator.backend: transformers (it scores each passage)")
+        if self.combine == "fid" and self.kind != "seq2seq":
+            raise ConfigError("generator.combine: fid needs an encoder-decoder reader (generator.kind: seq2seq)")
+        if self.combine != "concat" and self.kind == "extractive":
+            raise ConfigError("generator.combine: the extractive reader already reads each passage alone; use concat")
         if "{question}" not in self.closed_book_template:
             raise ConfigError("generator.closed_book_template must contain {question}")
         if "{question}" not in self.rag_template or "{context}" not in self.rag_template:
@@ -165,8 +196,19 @@ class TrainingConfig:
     save_optimizer: bool = _help("checkpoints keep the optimizer state, so an interrupted run resumes exactly; false "
                                  "writes a third of the bytes and an interrupted run starts over", True)
     output: str = _help("checkpoint folder (relative: from the repo root); empty: cache/train/<experiment>-<hash>", "")
+    # end-to-end RAG (regime rag_e2e_ft): the retriever's query encoder trained through the reader's loss
+    objective: Literal["lm", "rag_sequence", "rag_token", "pdist"] = _help(
+        "lm: the reader's loss on fixed passages; rag_sequence / rag_token: the marginal likelihood over the top-k "
+        "(Lewis et al. 2020); pdist: Atlas perplexity distillation (Izacard et al. 2022)", "lm", late=True)
+    query_learning_rate: float = _help("peak learning rate of the query encoder (end-to-end objectives)", 2e-5, late=True)
+    target_temperature: float = _help("pdist: p_target(z) ∝ exp(log p_theta(y|x,z) / target_temperature)", 1.0, late=True)
+    refresh_every: int = _help("end-to-end objectives: re-encode the corpus with the current query encoder every N steps "
+                               "(an Atlas-style index refresh, passage side tied to the query side); 0: the passage "
+                               "embeddings and index stay fixed, as in the RAG paper", 0, late=True)
 
     def __post_init__(self):
+        if self.query_learning_rate <= 0 or self.target_temperature <= 0 or self.refresh_every < 0:
+            raise ConfigError("training.query_learning_rate and target_temperature must be positive, refresh_every >= 0")
         if self.learning_rate <= 0 or self.epochs <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
             raise ConfigError("training.learning_rate, epochs, batch_size and grad_accum must be positive")
         if not self.seeds:
@@ -180,8 +222,9 @@ class TrainingConfig:
 @dataclass
 class ExperimentConfig:
     name: str = _help("experiment name (the results-table key)", "unnamed")
-    regime: Literal["closed_book", "rag", "closed_book_ft", "rag_ft", "reader", "oracle"] = _help(
-        "which row of the comparison; oracle = the reader given a passage that holds the answer (an upper bound)", "closed_book")
+    regime: Literal["closed_book", "rag", "closed_book_ft", "rag_ft", "rag_e2e_ft", "reader", "oracle"] = _help(
+        "which row of the comparison; rag_e2e_ft = the reader and the retriever's query encoder trained together "
+        "(training.objective); oracle = the reader given a passage that holds the answer (an upper bound)", "closed_book")
     description: str = _help("one line on what this experiment tests", "")
     block: str = _help("the main table's block this row belongs to (rows sort by block, then regime)", "")
     seed: int = _help("global seed (sampling of demonstrations, training)", 0)
@@ -192,7 +235,18 @@ class ExperimentConfig:
 
     def __post_init__(self):
         check_name(self.name)
-        uses_retrieval = self.regime in ("rag", "rag_ft", "reader", "oracle")
+        uses_retrieval = self.regime in ("rag", "rag_ft", "rag_e2e_ft", "reader", "oracle")
+        if (self.regime == "rag_e2e_ft") != (self.training.objective != "lm"):
+            raise ConfigError(f"regime {self.regime!r} and training.objective {self.training.objective!r} disagree: regime "
+                              "rag_e2e_ft trains the retriever through the reader (objective rag_sequence, rag_token or pdist); "
+                              "every other regime uses objective lm")
+        if self.regime == "rag_e2e_ft" and self.retriever.kind != "dense":
+            raise ConfigError(f"retriever.kind {self.retriever.kind!r}: regime rag_e2e_ft trains a query encoder, which only "
+                              "a dense retriever has (BM25 has none; hybrid is not supported): set retriever.kind: dense")
+        if self.regime == "rag_e2e_ft" and self.generator.kind == "extractive":
+            raise ConfigError("regime rag_e2e_ft trains a generative reader: generator.kind decoder or seq2seq")
+        if self.retriever.query_encoder and self.retriever.kind != "dense":
+            raise ConfigError("retriever.query_encoder is a dense retriever's setting: set retriever.kind: dense")
         if (self.regime == "oracle") != (self.retriever.kind == "oracle"):
             raise ConfigError("the oracle retriever reads the gold answers: retriever.kind: oracle goes with regime: oracle, "
                               "and regime oracle needs it")
@@ -429,7 +483,8 @@ def resolve_paths(cfg):
     if isinstance(cfg, ExperimentConfig):
         output = _under_repo(cfg.training.output) if cfg.training.output else ""
         return dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, model=repo_path(cfg.generator.model)),
-                                   retriever=dataclasses.replace(cfg.retriever, encoder=repo_path(cfg.retriever.encoder)),
+                                   retriever=dataclasses.replace(cfg.retriever, encoder=repo_path(cfg.retriever.encoder),
+                                                                 query_encoder=repo_path(cfg.retriever.query_encoder) if cfg.retriever.query_encoder else ""),
                                    training=dataclasses.replace(cfg.training, output=output))
     if isinstance(cfg, RetrievalStudyConfig):
         t = cfg.train_retriever

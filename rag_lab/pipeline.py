@@ -56,6 +56,15 @@ def contexts(retriever_cfg, passages: Sequence[Passage], k: int, *question_sets:
     return out
 
 
+def dense_index(retriever_cfg, passages: Sequence[Passage], cache_dir: Path | None = None, show_progress: bool = True):
+    """The dense retriever of `retriever_cfg` over `passages` (embeddings and FAISS index loaded from
+    the cache when built before): what end-to-end training searches with its own query encoder."""
+    if retriever_cfg.kind != "dense":
+        raise ValueError(f"retriever.kind {retriever_cfg.kind!r} has no trainable query encoder: end-to-end training needs "
+                         "retriever.kind: dense")
+    return build_retriever(retriever_cfg, passages, cache_dir=cache_dir, show_progress=show_progress)
+
+
 def contexts_from_hits(hits: Sequence[Sequence[Hit]], passages: Sequence[Passage]) -> list[list[Passage]]:
     """The passages that `hits` name, looked up by id in `passages`."""
     by_id = {p.id: p for p in passages}

@@ -148,7 +148,7 @@ def upsert_main_table(rows: list[dict], profile: str = "default") -> pd.DataFram
                        render=display_main_table, order=in_regime_order)
 
 
-REGIME_ORDER = ("closed_book", "closed_book_ft", "rag", "rag_ft", "reader", "oracle")  # the order of the comparison
+REGIME_ORDER = ("closed_book", "closed_book_ft", "rag", "rag_ft", "rag_e2e_ft", "reader", "oracle")  # the order of the comparison
 
 
 def in_regime_order(table: pd.DataFrame) -> pd.DataFrame:

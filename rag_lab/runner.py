@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 import transformers
 
-from rag_lab.config import ConfigError, ExperimentConfig, RetrieverConfig, RetrieverTrainingConfig, from_dict
+from rag_lab.config import ConfigError, ExperimentConfig, RetrieverConfig, RetrieverTrainingConfig, from_dict, key_view
 from rag_lab.data import DATASETS, load_qa
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.data.subsets import corpus_for, corpus_label, eval_set_name, subset_questions
@@ -38,11 +38,11 @@ from rag_lab.io import (DataError, atomic_dir, clean_orphans, jsonl_bytes, read_
 from rag_lab.metrics import AnswerInPassage, bootstrap_ci, normalize_answer, score_predictions
 from rag_lab.models import ModelNotFoundError, model_fingerprint, resolve_model
 from rag_lab.paths import REPO_ROOT, cache_dir, profile_results_dir
-from rag_lab.pipeline import Contexts, contexts
+from rag_lab.pipeline import Contexts, contexts, dense_index
 from rag_lab.results import MAIN_TABLE_KEY, table_row, upsert_main_table
 from rag_lab.timings import StageTiming, checkpoint_params, decoder_flops, record, training_flops
-from rag_lab.training import (FINAL, Split, TrainSettings, finished, split_train_dev, train_dense_retriever,
-                              train_generator, train_reader)
+from rag_lab.training import (FINAL, QUERY_ENCODER, PassageIndex, Split, TrainSettings, finished, split_train_dev,
+                              train_dense_retriever, train_fid, train_generator, train_joint, train_reader)
 from rag_lab.training.generator import RUNTIME_ONLY, TRAINING_FILE
 
 MINING_RETRIEVER = RetrieverConfig(kind="bm25")  # DPR mines positives and hard negatives from BM25's ranking
@@ -68,8 +68,17 @@ class RunData:
 
 # ---------------------------------------------------------------- which stages a regime runs
 
+GENERATOR_TRAINERS = {"fid": train_fid}  # generator.combine -> its trainer; every other reader: train_generator
+
+
 def _train_decoder(cfg: ExperimentConfig, examples, ctx, settings: TrainSettings, out: Path, record: dict) -> dict:
-    return train_generator(examples, ctx, settings, cfg.generator, out, record)
+    trainer = GENERATOR_TRAINERS.get(cfg.generator.combine, train_generator)
+    return trainer(examples, ctx, settings, cfg.generator, out, record)
+
+
+def _train_joint(cfg: ExperimentConfig, examples, index: PassageIndex, settings: TrainSettings, out: Path, record: dict) -> dict:
+    return train_joint(examples, index, settings, cfg.generator, cfg.retriever.k, cfg.retriever.temperature, out, record,
+                       refresh_cache=cache_dir("retrieval") / "refresh")
 
 
 def _train_span_reader(cfg: ExperimentConfig, examples, ctx, settings: TrainSettings, out: Path, record: dict) -> dict:
@@ -80,6 +89,9 @@ def _train_span_reader(cfg: ExperimentConfig, examples, ctx, settings: TrainSett
 class Stages:
     contexts: bool  # retrieve passages for every question (and for the training questions)
     train: Callable | None = None  # the trainer of a fine-tuned regime: (cfg, examples, contexts, settings, out, record) -> info
+    # the trainer searches the dense index itself with a query encoder it trains (it gets a PassageIndex, not
+    # contexts), and the eval questions are retrieved again with the trained query encoder
+    trains_query_encoder: bool = False
 
 
 REGIMES: dict[str, Stages] = {
@@ -87,6 +99,7 @@ REGIMES: dict[str, Stages] = {
     "closed_book_ft": Stages(contexts=False, train=_train_decoder),
     "rag": Stages(contexts=True),
     "rag_ft": Stages(contexts=True, train=_train_decoder),
+    "rag_e2e_ft": Stages(contexts=True, train=_train_joint, trains_query_encoder=True),
     "reader": Stages(contexts=True, train=_train_span_reader),
     "oracle": Stages(contexts=True),
 }
@@ -157,10 +170,10 @@ def contexts_stage(cfg: ExperimentConfig, data: RunData, show_progress: bool, pr
 
 def training_record(cfg: ExperimentConfig, seed: int) -> dict:
     """Everything that changes the trained weights (the checkpoint folder's identity)."""
-    retriever = dataclasses.asdict(cfg.retriever) if cfg.retriever.kind != "none" else None
-    training = {k: v for k, v in dataclasses.asdict(cfg.training).items() if k not in RUNTIME_ONLY}
-    return {"base_model": cfg.generator.model, "generator": dataclasses.asdict(cfg.generator), "retriever": retriever,
-            "data": dataclasses.asdict(cfg.data), "training": {**training, "seeds": None},
+    retriever = key_view(cfg.retriever) if cfg.retriever.kind != "none" else None
+    training = {k: v for k, v in key_view(cfg.training).items() if k not in RUNTIME_ONLY}
+    return {"base_model": cfg.generator.model, "generator": key_view(cfg.generator), "retriever": retriever,
+            "data": key_view(cfg.data), "training": {**training, "seeds": None},
             "seed": seed, "regime": cfg.regime}
 
 
@@ -184,12 +197,37 @@ def train_stage(cfg: ExperimentConfig, data: RunData, seed: int, show_progress: 
         if stages.contexts:  # the corpus keeps the training questions' answers (smoke profiles cut it)
             passages = corpus_for(cfg.data, examples.train + examples.dev)
             label = corpus_label(cfg.data) + (" (kept for the training questions)" if cfg.data.n_corpus else "")
-            train_ctx, dev_ctx = contexts(cfg.retriever, passages, cfg.retriever.k, examples.train, examples.dev,
-                                          show_progress=show_progress, corpus_label=label, profile=profile)
-            ctx = Split(train_ctx.passages, dev_ctx.passages)
+            if stages.trains_query_encoder:
+                ctx = passage_index(cfg.retriever, passages, show_progress)
+            else:
+                train_ctx, dev_ctx = contexts(cfg.retriever, passages, cfg.retriever.k, examples.train, examples.dev,
+                                              show_progress=show_progress, corpus_label=label, profile=profile)
+                ctx = Split(train_ctx.passages, dev_ctx.passages)
         settings = TrainSettings.from_config(cfg.training, seed=seed, max_new_tokens=cfg.generator.max_new_tokens)
         info = stages.train(cfg, examples, ctx, settings, out, record)
     return out / FINAL, info
+
+
+def passage_index(retriever_cfg: RetrieverConfig, passages: Sequence[Passage], show_progress: bool = True) -> PassageIndex:
+    """What an end-to-end trainer searches: the fixed passage embeddings and index of the dense
+    retriever `retriever_cfg` describes (cached as for evaluation) and the encoder its query side starts from."""
+    dense = dense_index(retriever_cfg, passages, show_progress=show_progress)
+    return PassageIndex(dense.passages, dense.embeddings, dense.index, retriever_cfg.query_encoder or retriever_cfg.encoder,
+                        retriever_cfg.query_prefix, retriever_cfg.passage_prefix, retriever_cfg.max_length)
+
+
+def trained_query_contexts(cfg: ExperimentConfig, data: RunData, final: Path, show_progress: bool, profile: str) -> Contexts:
+    """The eval questions' top-k with the query encoder trained end to end (`final/query_encoder`) over
+    the same fixed passage embeddings."""
+    retriever = dataclasses.replace(cfg.retriever, query_encoder=str(final / QUERY_ENCODER))
+    (ctx,) = contexts(retriever, data.passages, cfg.retriever.k, data.questions, show_progress=show_progress,
+                      corpus_label=corpus_label(cfg.data), profile=profile)
+    return ctx
+
+
+def doc_logits(cfg: ExperimentConfig, ctx: Contexts | None) -> list[list[float]] | None:
+    """log p_eta(z|x) up to a constant: each hit's score / `retriever.temperature` (readers that weigh passages)."""
+    return None if ctx is None else [[h.score / cfg.retriever.temperature for h in row] for row in ctx.hits]
 
 
 def ensure_retriever_trained(tcfg: RetrieverTrainingConfig, data_cfg, passages: Sequence[Passage], cache: Path | None = None,
@@ -222,10 +260,12 @@ def generation_key(cfg: ExperimentConfig, model_id: str, data: RunData, ctx: Con
 
     return stable_hash({
         "key_format": 2,  # 1 keyed passages by id and the pool by name: an edited corpus reused old predictions
-        "generator": dataclasses.asdict(cfg.generator), "model": model_id, "seed": cfg.seed,
+        "generator": key_view(cfg.generator), "model": model_id, "seed": cfg.seed,
         "demonstration_pool": stable_hash(examples(data.train)) if cfg.generator.n_few_shot else None,
         "questions": examples(data.questions),
         "passages": None if ctx is None else [[[p.id, p.title, p.text] for p in row] for row in ctx.passages],
+        # readers that weigh passages read the retriever's scores too (absent for the others: their keys stay)
+        **({"doc_logits": doc_logits(cfg, ctx)} if cfg.generator.combine in ("rag_sequence", "rag_token") else {}),
     })
 
 
@@ -245,7 +285,7 @@ def generate_stage(cfg: ExperimentConfig, data: RunData, ctx: Contexts | None, m
     generator = build_generator(cfg.generator, data.train, seed=cfg.seed, model_path=model_path)
     # seconds of generation, summed over resumed sessions (loading the model is not counted)
     preds, seconds = _generate_resumable(generator, data.questions, None if ctx is None else ctx.passages,
-                                         partial_path, show_progress)
+                                         partial_path, show_progress, doc_logits(cfg, ctx))
     cost = {"generate_s": None if seconds is None else round(seconds, 2), **generation_cost(generator, preds, model_path)}
     write_json(timing_path, cost)
     write_checked(done_path, jsonl_bytes(preds))
@@ -263,7 +303,8 @@ def generation_cost(generator, preds: list[dict], model_path: str) -> dict:
     return {**counts, "n_params": checkpoint_params(path) if path.is_dir() else None, "precision": generator.precision}
 
 
-def _generate_resumable(generator, questions, contexts, partial_path: Path, show_progress: bool) -> tuple[list[dict], float | None]:
+def _generate_resumable(generator, questions, contexts, partial_path: Path, show_progress: bool,
+                        logits: list[list[float]] | None = None) -> tuple[list[dict], float | None]:
     """`generator.generate`, logging each finished batch (with its seconds) to `partial_path` and
     skipping those already logged. Returns the predictions and the seconds all batches took,
     over every resumed session (None if an old log lacks them)."""
@@ -285,7 +326,7 @@ def _generate_resumable(generator, questions, contexts, partial_path: Path, show
             os.fsync(log.fileno())
             last = now
 
-        preds = generator.generate(questions, contexts, show_progress=show_progress, done=done, on_batch=on_batch)
+        preds = generator.generate(questions, contexts, show_progress=show_progress, done=done, on_batch=on_batch, doc_logits=logits)
     return preds, None if None in seconds else sum(seconds)
 
 
@@ -366,12 +407,18 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
             compute[f"train_seed{seed}_s"] = info.get("train_seconds")
             training[seed] = {"model": str(final.relative_to(REPO_ROOT)) if final.is_relative_to(REPO_ROOT) else str(final),
                               **{k: info.get(k) for k in ("n_train", "n_dev", "skipped_empty_answers", "train_loss", "global_step", "train_seconds", "train_tokens", "peak_rss_gb",
-                                                           "best_checkpoint", "log_history", "dev_history")}}
+                                                           "best_checkpoint", "log_history", "dev_history", "objective", "passage_entropy")
+                                 if k in info}}
+        seed_ctx = ctx
+        if stages.trains_query_encoder:  # the eval questions retrieved again, with the query encoder this seed trained
+            t = time.perf_counter()
+            seed_ctx = trained_query_contexts(cfg, data, final, show_progress, profile)
+            timings[f"retrieve_seed{seed}_s"] = compute[f"retrieve_seed{seed}_s"] = time.perf_counter() - t
         t, stage = time.perf_counter(), f"generate_seed{seed}_s" if stages.train else "generate_s"
-        preds, key, cost = generate_stage(cfg, data, ctx, path, show_progress)
+        preds, key, cost = generate_stage(cfg, data, seed_ctx, path, show_progress)
         compute[stage], costs[seed] = cost["generate_s"], cost
         timings[stage] = time.perf_counter() - t
-        rows = score_stage(data.questions, preds, ctx)
+        rows = score_stage(data.questions, preds, seed_ctx)
         per_seed.append((seed, key, rows, summarize_rows(rows, seed=0)))
 
     _, key, rows, metrics = per_seed[0]

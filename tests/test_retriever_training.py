@@ -7,7 +7,6 @@ a hand-written InfoNCE. One @slow test mines the real nq-mini train split.
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from rag_lab.pipeline import contexts_from_hits
 from rag_lab.training import TrainPair, contrastive_loss, mine_training_pairs
 from rag_lab.training.retriever import fit_dense_retriever
 from rag_lab.training.retriever import TRAINING_FILE, _columns
+from tiny_models import make_tiny_encoder
 
 CORPUS = [
     Passage("p0", "France", "France is a country in western Europe with many old cities."),
@@ -112,27 +112,6 @@ FACTS = [  # (subject, question word, answer word): 16 distinct synthetic pairs
 def synthetic_pairs() -> list[TrainPair]:
     return [TrainPair(f"what colour is {s}", f"{s} is painted {a}", (f"{FACTS[(i + 1) % len(FACTS)][0]} is round",))
             for i, (s, a) in enumerate(FACTS)]
-
-
-def make_tiny_encoder(path, texts):
-    """A random 2-layer BERT + word-level tokenizer over `texts`, saved as a transformers checkpoint."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(special + words)}, unk_token="[UNK]"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
-                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                                        model_max_length=64)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
 
 
 @pytest.fixture

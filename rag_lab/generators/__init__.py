@@ -4,6 +4,7 @@
     preds = gen.generate(questions)                         # closed-book
     preds = gen.generate(questions, contexts=passages)      # RAG: one passage list per question
     preds = gen.generate(questions, contexts, done=done, on_batch=log)   # resume: skip what `done` holds
+    preds = gen.generate(questions, contexts, doc_logits=logits)  # RAG-Sequence / RAG-Token weigh passages by p_eta(z|x)
 
 `done` maps example indices already answered to the records `on_batch(indices, records)` reported
 for them (JSON values: the raw text for the decoders, the span for the extractive reader), so the
@@ -18,6 +19,7 @@ from rag_lab import models
 from rag_lab.data.records import QAExample
 from rag_lab.generators.ct2 import CT2DecoderGenerator, load_ct2_generator
 from rag_lab.generators.extractive import ExtractiveReader
+from rag_lab.generators.fusion import FiDGenerator, RagSequenceGenerator, RagTokenGenerator, answer_logprobs, marginal_logprob
 from rag_lab.generators.hf import DecoderGenerator, HFGenerator, Seq2SeqGenerator, length_sorted_batches
 from rag_lab.generators.postprocess import clean_answer
 from rag_lab.generators.prompts import Prompt, PromptBuilder, sample_demonstrations
@@ -40,6 +42,20 @@ def build_generator(cfg, train: Sequence[QAExample] = (), seed: int = 0, model_p
         raise ValueError(f"generator.kind {cfg.kind!r}: kinds are {', '.join([*loaders, 'extractive'])}")
     load, cls = loaders[cfg.kind]
     extra = {}
+    if cfg.fusion != "concat":  # the config checks these at load; a config built in code is checked here
+        if cfg.backend != "transformers":
+            raise ValueError(f"generator.fusion {cfg.fusion!r} needs generator.backend: transformers (it scores passages one by one)")
+        if cfg.fusion == "fid" and cfg.kind != "seq2seq":
+            raise ValueError("generator.fusion 'fid' needs an encoder-decoder reader (generator.kind: seq2seq)")
+        model, tokenizer = load(name)
+        builder = prompt_builder(cfg, tokenizer, sample_demonstrations(train, cfg.n_few_shot, seed))
+        common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, strip_prefixes=cfg.strip_prefixes)
+        if cfg.fusion == "fid":
+            return FiDGenerator(model, tokenizer, builder, **common)
+        decoder_only = cfg.kind == "decoder"
+        if cfg.fusion == "rag_sequence":
+            return RagSequenceGenerator(model, tokenizer, builder, decoding=cfg.rag_sequence_decoding, decoder_only=decoder_only, **common)
+        return RagTokenGenerator(model, tokenizer, builder, decoder_only=decoder_only, **common)
     if cfg.backend == "ctranslate2":
         path = models.resolve_model(name)
         model, extra["compute_type"] = load_ct2_generator(path, cfg.ct2_compute_type)  # converted once and cached
@@ -51,5 +67,6 @@ def build_generator(cfg, train: Sequence[QAExample] = (), seed: int = 0, model_p
                strip_prefixes=cfg.strip_prefixes, **extra)
 
 
-__all__ = ["CT2DecoderGenerator", "DecoderGenerator", "ExtractiveReader", "Seq2SeqGenerator", "HFGenerator", "Prompt", "PromptBuilder", "build_generator", "prompt_builder",
+__all__ = ["CT2DecoderGenerator", "DecoderGenerator", "ExtractiveReader", "FiDGenerator", "RagSequenceGenerator", "RagTokenGenerator",
+           "Seq2SeqGenerator", "answer_logprobs", "marginal_logprob", "HFGenerator", "Prompt", "PromptBuilder", "build_generator", "prompt_builder",
            "clean_answer", "length_sorted_batches", "sample_demonstrations"]

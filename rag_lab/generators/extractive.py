@@ -132,7 +132,8 @@ class ExtractiveReader:
 
     def generate(self, examples: Sequence[QAExample], contexts: Sequence[Sequence[Passage]] | None = None,
                  show_progress: bool = False, done: Mapping[int, Sequence] | None = None,
-                 on_batch: Callable[[list[int], list[list]], None] | None = None) -> list[dict]:
+                 on_batch: Callable[[list[int], list[list]], None] | None = None,
+                 doc_logits: Sequence[Sequence[float]] | None = None) -> list[dict]:
         """One prediction dict per example, in input order: id, raw, prediction, passage_id, score.
 
         An example with no passages predicts "" with passage_id and score None (None, not

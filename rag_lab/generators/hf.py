@@ -77,8 +77,11 @@ class HFGenerator:
 
     def generate(self, examples: Sequence[QAExample], contexts: Sequence[Sequence[Passage]] | None = None,
                  show_progress: bool = False, done: Mapping[int, str] | None = None,
-                 on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[dict]:
+                 on_batch: Callable[[list[int], list[str]], None] | None = None,
+                 doc_logits: Sequence[Sequence[float]] | None = None) -> list[dict]:
         """Predictions for every example (closed-book when `contexts` is None), in input order.
+        (`doc_logits`, the retriever's weights, are read by the readers of `fusion.py`; a prompt of
+        concatenated passages has no use for them.)
 
         The batch plan is deterministic (length-sorted), so a caller can resume: `done` maps the
         example indices already generated to their raw outputs (batches fully in it are skipped),

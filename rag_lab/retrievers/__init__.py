@@ -26,7 +26,8 @@ def build_retriever(cfg, passages: Sequence[Passage], cache_dir=None, show_progr
 
     def dense():
         return DenseRetriever(passages, cfg.encoder, cfg.query_prefix, cfg.passage_prefix, cfg.max_length,
-                              cfg.index_factory, cfg.search_params, cfg.encode_batch_size, cache_dir, show_progress)
+                              cfg.index_factory, cfg.search_params, cfg.encode_batch_size, cache_dir, show_progress,
+                              query_encoder=cfg.query_encoder)
 
     builders = {
         "bm25": bm25,

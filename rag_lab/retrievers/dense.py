@@ -30,7 +30,7 @@ class DenseRetriever:
     def __init__(self, passages: Sequence[Passage], encoder: str = "all-minilm-l6-v2", query_prefix: str = "",
                  passage_prefix: str = "", max_length: int = 256, index_factory: str = "Flat",
                  search_params: str = "", batch_size: int = 64, cache_dir: Path | None = None,
-                 show_progress: bool = True, model=None):
+                 show_progress: bool = True, model=None, query_encoder: str = ""):
         if not passages:
             raise ValueError("DenseRetriever needs a non-empty corpus")
 
@@ -40,6 +40,12 @@ class DenseRetriever:
         self.model.max_seq_length = max_length
         self.params = {"encoder": model_fingerprint(resolve_model(encoder)) if model is None else _module_fingerprint(model),
                        "query_prefix": query_prefix, "passage_prefix": passage_prefix, "max_length": max_length}
+        # a query encoder of its own (trained end to end) reads the questions; the passages keep `encoder`'s embeddings
+        self.query_model = self.model
+        if query_encoder:
+            self.query_model = load_sentence_encoder(query_encoder)
+            self.query_model.max_seq_length = max_length
+            self.params["query_encoder"] = model_fingerprint(resolve_model(query_encoder))
         self.index_factory, self.search_params = index_factory, search_params
         self.batch_size, self.show_progress = batch_size, show_progress
         self._corpus_hash = corpus_fingerprint(self.passages)
@@ -54,10 +60,11 @@ class DenseRetriever:
                             "factory": self.index_factory, "search_params": self.search_params})
 
     def _embedding_key(self) -> str:
-        return stable_hash({**{k: v for k, v in self.params.items() if k != "query_prefix"}, "corpus": self._corpus_hash})
+        passage_side = {k: v for k, v in self.params.items() if k not in ("query_prefix", "query_encoder")}
+        return stable_hash({**passage_side, "corpus": self._corpus_hash})
 
-    def encode(self, texts: list[str], prefix: str = "", progress: bool = False) -> np.ndarray:
-        vecs = self.model.encode([prefix + t for t in texts], batch_size=self.batch_size, normalize_embeddings=True,
+    def encode(self, texts: list[str], prefix: str = "", progress: bool = False, model=None) -> np.ndarray:
+        vecs = (model or self.model).encode([prefix + t for t in texts], batch_size=self.batch_size, normalize_embeddings=True,
                                  convert_to_numpy=True, show_progress_bar=progress)
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
@@ -100,7 +107,8 @@ class DenseRetriever:
 
     def retrieve(self, questions: Sequence[QAExample], k: int) -> list[list[Hit]]:
         k = min(check_k(k), len(self.passages))
-        queries = self.encode(check_questions(questions), self.params["query_prefix"], self.show_progress and len(questions) > 256)
+        queries = self.encode(check_questions(questions), self.params["query_prefix"], self.show_progress and len(questions) > 256,
+                              self.query_model)
         scores, indices = self.index.search(queries, k)
         return hits_from_arrays(self.passages, indices, scores)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Sequence, TypeVar
 
+import safetensors.torch
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
@@ -228,6 +229,19 @@ class StopOnNonFiniteLoss(TrainerCallback):
         if loss is not None and not math.isfinite(loss):
             raise TrainingError(f"training loss became {loss} at step {state.global_step}; the last good checkpoint "
                                 f"is kept in {args.output_dir} (lower the learning rate?)")
+
+
+class ModuleTrainer(Trainer):
+    """The Trainer for a model that is a plain `torch.nn.Module` around transformers models (the joint
+    retriever + reader, the FiD wrapper): checkpoints hold its state dict as safetensors, with tied
+    tensors (embeddings and LM head) cloned apart, which safetensors requires; resuming sets both
+    from equal values."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        path = Path(output_dir or self.args.output_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in (state_dict or self.model.state_dict()).items()}
+        safetensors.torch.save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------- model preparation

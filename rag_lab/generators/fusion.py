@@ -1,0 +1,325 @@
+"""Readers that combine several passages by probability rather than by concatenation.
+
+    log p(y|x)   = logsumexp_z [ log p_eta(z|x) + log p_theta(y|x,z) ]          RAG-Sequence
+    log p(y_t|.) = logsumexp_z [ log p_eta(z|x) + log p_theta(y_t|x,z,y_<t) ]   RAG-Token
+    FiD: each (question, passage) encoded alone, the encoder states concatenated, decoded once
+
+p_eta(z|x) is the retriever's softmax over the top-k scores divided by `retriever.temperature`; the
+runner hands its logits over as `doc_logits`, one row per question. Every reader here has the
+interface of the other generators (`generate(examples, contexts, show_progress, done, on_batch,
+doc_logits)`), so the runner, its caches and its resume treat them alike.
+
+    token_logp, mask = answer_logprobs(model, tokenizer, prompts, answers)   # the scoring primitive
+    gen = RagSequenceGenerator(model, tokenizer, builder, decoding="thorough")
+    preds = gen.generate(questions, passages, doc_logits=logits)
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers.modeling_outputs import BaseModelOutput
+
+from rag_lab.data.records import Passage, QAExample
+from rag_lab.generators.hf import HFGenerator, length_sorted_batches
+from rag_lab.generators.prompts import Prompt, PromptBuilder
+
+
+def _exact(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits in float32 for the log-softmax; float32 and float64 kept as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def marginal_logprob(doc_logits: torch.Tensor, seq_logp: torch.Tensor) -> torch.Tensor:
+    """log sum_z p_eta(z|x) p_theta(y|x,z), in log space.
+
+    doc_logits [..., k]: retriever scores / temperature; seq_logp [..., k]: log p_theta(y|x,z) per passage.
+    Returns [...]. A passage with seq_logp = -inf (not scored) contributes nothing."""
+    return torch.logsumexp(torch.log_softmax(doc_logits, dim=-1) + seq_logp, dim=-1)
+
+
+# ---------------------------------------------------------------- scoring answers
+
+def answer_logprobs(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], add_special_tokens: bool = False,
+                    decoder_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p_theta(answer token | prompt, earlier answer tokens) for each (prompt, answer) pair.
+
+    The target is the answer's tokens + EOS, as in fine-tuning. Returns (logp [N, M], mask [N, M])
+    with M the longest target; logp is 0 where mask is False. Decoder-only models read the pairs
+    left-padded (positions from the mask, so padding changes nothing) and compute logits only at
+    the last M + 1 positions; the targets are right-aligned. Encoder-decoder models read the prompt
+    in the encoder and the target in the decoder; the targets are left-aligned. Within one question
+    every passage shares the answer, so its rows share the mask."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    device = next(model.parameters()).device
+    targets = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in answers]
+    m = max(map(len, targets))
+    if not decoder_only:
+        enc = tokenizer(list(prompts), padding=True, return_tensors="pt").to(device)
+        labels = torch.full((len(targets), m), -100, dtype=torch.long)
+        for i, t in enumerate(targets):
+            labels[i, :len(t)] = torch.tensor(t)
+        logits = model(**enc, labels=labels.to(device)).logits
+        mask = labels != -100
+        logp = torch.log_softmax(_exact(logits), -1).gather(-1, labels.clamp(min=0).to(device)[..., None]).squeeze(-1)
+        return logp * mask.to(device), mask.to(device)
+    seqs = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] + t for p, t in zip(prompts, targets)]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):], attention[i, width - len(s):] = torch.tensor(s), 1
+    ids, attention = ids.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=m + 1).logits[:, :-1]
+    lengths = torch.tensor([len(t) for t in targets], device=device)
+    mask = torch.arange(m, device=device)[None, :] >= (m - lengths)[:, None]
+    logp = torch.log_softmax(_exact(logits), -1).gather(-1, ids[:, -m:, None]).squeeze(-1)
+    return logp * mask, mask
+
+
+# ---------------------------------------------------------------- marginalising readers
+
+class _PerPassageGenerator(HFGenerator):
+    """Shared by RAG-Sequence and RAG-Token: one prompt per (question, passage), batches of questions."""
+
+    def __init__(self, model, tokenizer, prompt_builder: PromptBuilder, decoder_only: bool = True, **kwargs):
+        if decoder_only and tokenizer.padding_side != "left":
+            raise ValueError("decoder-only batched generation needs tokenizer.padding_side == 'left'")
+        if not decoder_only:
+            prompt_builder.use_chat = False
+        self.is_decoder_only = decoder_only
+        super().__init__(model, tokenizer, prompt_builder, **kwargs)
+
+    def passage_prompts(self, example: QAExample, passages: Sequence[Passage]) -> list[Prompt]:
+        return [self.builder.rag(example, [p]) for p in passages]
+
+    def generate(self, examples: Sequence[QAExample], contexts: Sequence[Sequence[Passage]] | None = None,
+                 show_progress: bool = False, done: Mapping[int, str] | None = None,
+                 on_batch: Callable[[list[int], list[str]], None] | None = None,
+                 doc_logits: Sequence[Sequence[float]] | None = None) -> list[dict]:
+        """Predictions in input order; `doc_logits[i]` weighs the passages of `contexts[i]`. Batches
+        hold `batch_size // k` questions (each read with each of its k passages); resumable."""
+        if contexts is None or doc_logits is None:
+            raise ValueError(f"{type(self).__name__} marginalises over passages: it needs contexts and doc_logits")
+        if not (len(examples) == len(contexts) == len(doc_logits)):
+            raise ValueError(f"{len(examples)} examples, {len(contexts)} contexts, {len(doc_logits)} doc_logits rows")
+        prompts = [self.passage_prompts(e, ctx) for e, ctx in zip(examples, contexts)]
+        k = max([len(c) for c in contexts] + [1])
+        raws: dict[int, str] = dict(done or {})
+        sizes = [sum(p.n_tokens for p in row) for row in prompts]
+        for batch in tqdm(length_sorted_batches(sizes, max(1, self.batch_size // k)), desc="generate", disable=not show_progress):
+            if all(i in raws for i in batch):
+                continue
+            outs = self.decode([prompts[i] for i in batch], [examples[i] for i in batch], [doc_logits[i] for i in batch])
+            raws.update(zip(batch, outs))
+            if on_batch:
+                on_batch(batch, outs)
+        first = [row[0] if row else self.builder.closed_book(e) for row, e in zip(prompts, examples)]
+        preds = self.predictions(examples, first, [raws[i] for i in range(len(examples))])
+        for pred, row in zip(preds, prompts):
+            pred["prompt_tokens"], pred["n_passages"] = sum(p.n_tokens for p in row), len(row)
+            pred["truncated"] = any(p.truncated for p in row)
+        return preds
+
+    def decode(self, prompts: list[list[Prompt]], examples: list[QAExample], doc_logits: list[Sequence[float]]) -> list[str]:
+        raise NotImplementedError
+
+
+def first_line(text: str) -> str:
+    """What greedy decoding keeps: the continuation up to its first newline, stripped."""
+    return text.lstrip("\n").split("\n", 1)[0].strip()
+
+
+class RagSequenceGenerator(_PerPassageGenerator):
+    """RAG-Sequence decoding. `thorough` (the paper's): a greedy candidate from each passage, every
+    candidate scored against every passage, the argmax of the marginal kept. `fast`: a candidate is
+    scored only against the passages that produced it (p_theta(y|x,z) taken as 0 elsewhere)."""
+
+    def __init__(self, model, tokenizer, prompt_builder: PromptBuilder, decoding: str = "thorough", **kwargs):
+        if decoding not in ("thorough", "fast"):
+            raise ValueError(f"RAG-Sequence decoding {decoding!r}: thorough or fast")
+        self.decoding = decoding
+        super().__init__(model, tokenizer, prompt_builder, **kwargs)
+
+    @torch.inference_mode()
+    def decode(self, prompts, examples, doc_logits) -> list[str]:
+        flat = [p for row in prompts for p in row]
+        candidates = [first_line(r) for r in self.generate_batch(flat)] if flat else []
+        out, start = [], 0
+        for row, logits in zip(prompts, doc_logits):
+            cands, start = candidates[start:start + len(row)], start + len(row)
+            out.append(self.choose(row, cands, logits))
+        return out
+
+    def choose(self, row: list[Prompt], cands: list[str], doc_logits: Sequence[float]) -> str:
+        """The candidate with the highest marginal (ties: the one from the higher-ranked passage)."""
+        if not row:
+            return ""
+        unique = list(dict.fromkeys(cands))
+        pairs = [(u, j) for u in range(len(unique)) for j in range(len(row))
+                 if self.decoding == "thorough" or cands[j] == unique[u]]
+        seq = torch.full((len(unique), len(row)), float("-inf"))
+        for s in range(0, len(pairs), self.batch_size):
+            chunk = pairs[s:s + self.batch_size]
+            logp, _ = answer_logprobs(self.model, self.tokenizer, [row[j].text for _, j in chunk], [unique[u] for u, _ in chunk],
+                                      not self.builder.use_chat, self.is_decoder_only)
+            for (u, j), v in zip(chunk, logp.sum(-1).double().cpu()):
+                seq[u, j] = v
+        marginal = marginal_logprob(torch.tensor(list(doc_logits), dtype=torch.float64), seq.double())
+        return unique[int(torch.argmax(marginal))]  # argmax returns the first maximum
+
+
+class RagTokenGenerator(_PerPassageGenerator):
+    """RAG-Token greedy decoding: at every step the next-token distributions of the k passages are
+    mixed with weights p_eta(z|x) and the argmax token is appended to all k."""
+
+    @torch.inference_mode()
+    def decode(self, prompts, examples, doc_logits) -> list[str]:
+        k = max(len(r) for r in prompts)
+        if any(len(r) != k for r in prompts):  # short rows: group by size so each batch is rectangular
+            return [self.decode([r], [e], [d])[0] for r, e, d in zip(prompts, examples, doc_logits)]
+        if k == 0:
+            return [""] * len(prompts)
+        weights = torch.log_softmax(torch.tensor([list(d) for d in doc_logits], dtype=torch.float32), -1)
+        step = self._decoder_steps if self.is_decoder_only else self._seq2seq_steps
+        tokens = step([p.text for row in prompts for p in row], len(prompts), k, weights)
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+    def _mix(self, logits: torch.Tensor, b: int, k: int, weights: torch.Tensor) -> torch.Tensor:
+        """argmax_v logsumexp_z [log p_eta(z) + log p(v | z)] for each question: [b]."""
+        logp = torch.log_softmax(logits.float(), -1).view(b, k, -1)
+        return torch.logsumexp(weights.to(logp.device)[..., None] + logp, dim=1).argmax(-1)
+
+    def _stopped(self, tokens: list[list[int]]) -> list[bool]:
+        eos = self.tokenizer.eos_token_id
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return [(eos in t) or ("\n" in s.lstrip("\n")) for t, s in zip(tokens, texts)]
+
+    def _decoder_steps(self, texts: list[str], b: int, k: int, weights: torch.Tensor) -> list[list[int]]:
+        device = next(self.model.parameters()).device
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not self.builder.use_chat).to(device)
+        self.stats["prompt_tokens"] += int(enc["attention_mask"].sum())
+        self.stats["padded_tokens"] += int(enc["attention_mask"].numel())
+        attention = enc["attention_mask"]
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=enc["input_ids"], attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        for _ in range(self.max_new_tokens):
+            nxt = self._mix(out.logits[:, -1], b, k, weights)
+            stopped = self._stopped(tokens)
+            for i in range(b):
+                if not stopped[i]:
+                    tokens[i].append(int(nxt[i]))
+            if all(self._stopped(tokens)):
+                break
+            ids = nxt.repeat_interleave(k)[:, None]
+            attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], -1)
+            positions = positions[:, -1:] + 1
+            out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=out.past_key_values,
+                             use_cache=True)
+        return tokens
+
+    def _seq2seq_steps(self, texts: list[str], b: int, k: int, weights: torch.Tensor) -> list[list[int]]:
+        device = next(self.model.parameters()).device
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(device)
+        encoded = self.model.get_encoder()(**enc)
+        start = self.model.config.decoder_start_token_id
+        dec = torch.full((b * k, 1), start, dtype=torch.long, device=device)
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        for _ in range(self.max_new_tokens):
+            logits = self.model(encoder_outputs=encoded, attention_mask=enc["attention_mask"], decoder_input_ids=dec).logits[:, -1]
+            nxt = self._mix(logits, b, k, weights)
+            stopped = self._stopped(tokens)
+            for i in range(b):
+                if not stopped[i]:
+                    tokens[i].append(int(nxt[i]))
+            if all(self._stopped(tokens)):
+                break
+            dec = torch.cat([dec, nxt.repeat_interleave(k)[:, None]], -1)
+        return tokens
+
+
+# ---------------------------------------------------------------- Fusion-in-Decoder
+
+def fid_encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[BaseModelOutput, torch.Tensor]:
+    """Fusion-in-Decoder's encoder: [b, k, L] (question, passage) pairs encoded one by one, their states
+    concatenated to [b, k * L, H] with the matching mask [b, k * L]. Padding rows (mask all 0) are
+    masked out in the decoder's cross-attention."""
+    b, k, length = input_ids.shape
+    states = model.get_encoder()(input_ids=input_ids.view(b * k, length), attention_mask=attention_mask.view(b * k, length))
+    hidden = states.last_hidden_state.view(b, k * length, -1)
+    return BaseModelOutput(last_hidden_state=hidden), attention_mask.view(b, k * length)
+
+
+def fid_batch(tokenizer, texts: Sequence[Sequence[str]], max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """[b, k, L] ids and mask for b questions with up to k (question, passage) texts each (short rows padded)."""
+    k = max(map(len, texts))
+    flat = [t for row in texts for t in list(row) + [""] * (k - len(row))]
+    enc = tokenizer(flat, padding=True, truncation=max_length is not None, max_length=max_length, return_tensors="pt")
+    empty = torch.tensor([j >= len(row) for row in texts for j in range(k)])
+    enc["attention_mask"][empty] = 0
+    return {"input_ids": enc["input_ids"].view(len(texts), k, -1), "attention_mask": enc["attention_mask"].view(len(texts), k, -1)}
+
+
+class FiDModel(torch.nn.Module):
+    """An encoder-decoder LM read the Fusion-in-Decoder way; the weights are the plain model's (`.model`),
+    so a FiD-trained checkpoint saves and loads as an ordinary seq2seq model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
+        encoded, mask = fid_encode(self.model, input_ids, attention_mask)
+        return self.model(encoder_outputs=encoded, attention_mask=mask, labels=labels)
+
+
+class FiDGenerator(HFGenerator):
+    """Fusion-in-Decoder reader: batched greedy decoding over the fused encoder states; the same
+    prediction records as the other generators. Each passage gets its own prompt (question + that
+    passage, at most `max_input_tokens`), so the encoder's cost grows linearly in k."""
+
+    is_decoder_only = False
+
+    def __init__(self, model, tokenizer, prompt_builder: PromptBuilder, **kwargs):
+        prompt_builder.use_chat = False
+        super().__init__(model, tokenizer, prompt_builder, **kwargs)
+
+    def generate(self, examples: Sequence[QAExample], contexts: Sequence[Sequence[Passage]] | None = None,
+                 show_progress: bool = False, done: Mapping[int, str] | None = None,
+                 on_batch: Callable[[list[int], list[str]], None] | None = None,
+                 doc_logits: Sequence[Sequence[float]] | None = None) -> list[dict]:
+        if contexts is None:
+            raise ValueError("FiDGenerator reads passages: it needs contexts")
+        if len(contexts) != len(examples):
+            raise ValueError(f"{len(examples)} examples but {len(contexts)} contexts")
+        prompts = [[self.builder.rag(e, [p]) for p in ctx] or [self.builder.closed_book(e)] for e, ctx in zip(examples, contexts)]
+        raws: dict[int, str] = dict(done or {})
+        sizes = [sum(p.n_tokens for p in row) for row in prompts]
+        for batch in tqdm(length_sorted_batches(sizes, self.batch_size), desc="generate", disable=not show_progress):
+            if all(i in raws for i in batch):
+                continue
+            outs = self.generate_fused([[p.text for p in prompts[i]] for i in batch])
+            raws.update(zip(batch, outs))
+            if on_batch:
+                on_batch(batch, outs)
+        preds = self.predictions(examples, [row[0] for row in prompts], [raws[i] for i in range(len(examples))])
+        for pred, row, ctx in zip(preds, prompts, contexts):
+            pred["prompt_tokens"], pred["n_passages"] = sum(p.n_tokens for p in row), len(ctx)
+            pred["truncated"] = any(p.truncated for p in row)
+        return preds
+
+    @torch.inference_mode()
+    def generate_fused(self, texts: list[list[str]]) -> list[str]:
+        """Greedy answers for a batch of questions, each given as its list of (question, passage) texts."""
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in fid_batch(self.tokenizer, texts).items()}
+        self.stats["prompt_tokens"] += int(batch["attention_mask"].sum())
+        self.stats["padded_tokens"] += int(batch["attention_mask"].numel())
+        encoded, mask = fid_encode(self.model, batch["input_ids"], batch["attention_mask"])
+        out = self.model.generate(encoder_outputs=encoded, attention_mask=mask, do_sample=False, num_beams=1,
+                                  max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
