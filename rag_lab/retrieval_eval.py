@@ -25,6 +25,12 @@ from rag_lab.results import KS, display_budget_table, display_retrieval_table, u
 from rag_lab.retrievers.base import Hit
 from rag_lab.runner import ensure_retriever_trained
 
+RETRIEVAL_TITLE = "Answer recall@k of each retriever"
+RETRIEVAL_NOTE = ("Produced by `rag-lab retrieval experiments/retrieval.yaml` (notebook 01); the dense_e2e_* rows by notebook 07 "
+                  "(query encoders trained end to end through the reader, passage embeddings fixed). 95% bootstrap CIs "
+                  "(1,000 resamples); 'in corpus' = questions whose answer occurs somewhere in the corpus.")
+
+
 @dataclass
 class RetrievalEval:
     """Per-question answer hits of one retriever on one question set."""
@@ -103,9 +109,7 @@ def run_retrieval_study(cfg, profile: str = "default", cache_dir: Path | None = 
         timings[name] = time.perf_counter() - t0
         rows.append(recall_row(evals[name], describe(rcfg), cfg.ks))
     table = upsert_rows(profile_results_dir(profile) / "retrieval.csv", rows, key=("retriever", "eval_set"),
-                        title="Answer recall@k of each retriever",
-                        note=("Produced by `rag-lab retrieval experiments/retrieval.yaml` (notebook 01). "
-                              "95% bootstrap CIs (1,000 resamples); 'in corpus' = questions whose answer occurs somewhere in the corpus."),
+                        title=RETRIEVAL_TITLE, note=RETRIEVAL_NOTE,
                         render=lambda t: display_retrieval_table(t, cfg.ks))
     return StudyResult(table, pd.DataFrame(rows), evals, hits, questions, passages, timings)
 

@@ -207,9 +207,28 @@ def test_thorough_decoding_picks_the_argmax_of_the_marginal(tiny, monkeypatch):
     picks = {}
     for decoding in ("thorough", "fast"):
         gen = RagSequenceGenerator(model, tokenizer, prompt_builder(cfg, tokenizer), decoding=decoding)
+        gen.is_decoder_only = False  # the from-scratch scoring path, whose scorer the table replaces
         monkeypatch.setattr(gen, "generate_batch", lambda prompts: ["paris\n", "berlin", " berlin\nmore"])
         picks[decoding] = gen.generate(QUESTIONS[:1], [passages], doc_logits=[logits])[0]["prediction"]
     assert picks == {"thorough": "berlin", "fast": "paris"}
+
+
+def test_cached_candidate_scores_equal_scoring_from_scratch(tiny):
+    """RAG-Sequence reads each prompt once and scores candidates from its key-value cache: the same
+    greedy candidates as `generate`, the same scores as `answer_logprobs` on the whole sequences."""
+    model, tokenizer = load_causal_lm(str(tiny / "lm"))
+    cfg = plain_cfg(tiny / "lm")
+    gen = RagSequenceGenerator(model, tokenizer, prompt_builder(cfg, tokenizer), max_new_tokens=4, batch_size=4)
+    prompts = [gen.builder.rag(q, [p]).text for q, p in zip(QUESTIONS, PASSAGES)]
+    with torch.no_grad():
+        state = gen.prefill(prompts)
+        greedy = tokenizer.batch_decode(gen.greedy(state), skip_special_tokens=True)
+        pairs = [(i, c) for i in range(len(prompts)) for c in ("paris", "the capital of", "")]
+        cached = gen.pair_scores(state, None, pairs)
+        scratch, _ = answer_logprobs(model, tokenizer, [prompts[i] for i, _ in pairs], [c for _, c in pairs], True)
+    plain = [g.generate_batch([gen.builder.rag(q, [p])])[0] for g in [gen] for q, p in zip(QUESTIONS, PASSAGES)]
+    assert greedy == plain
+    assert np.allclose(cached, scratch.sum(-1).double().numpy(), atol=1e-4)
 
 
 def test_rag_token_greedy_equals_the_brute_force_mixture(tiny):

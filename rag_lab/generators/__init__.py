@@ -42,18 +42,18 @@ def build_generator(cfg, train: Sequence[QAExample] = (), seed: int = 0, model_p
         raise ValueError(f"generator.kind {cfg.kind!r}: kinds are {', '.join([*loaders, 'extractive'])}")
     load, cls = loaders[cfg.kind]
     extra = {}
-    if cfg.fusion != "concat":  # the config checks these at load; a config built in code is checked here
+    if cfg.combine != "concat":  # the config checks these at load; a config built in code is checked here
         if cfg.backend != "transformers":
-            raise ValueError(f"generator.fusion {cfg.fusion!r} needs generator.backend: transformers (it scores passages one by one)")
-        if cfg.fusion == "fid" and cfg.kind != "seq2seq":
-            raise ValueError("generator.fusion 'fid' needs an encoder-decoder reader (generator.kind: seq2seq)")
+            raise ValueError(f"generator.combine {cfg.combine!r} needs generator.backend: transformers (it scores passages one by one)")
+        if cfg.combine == "fid" and cfg.kind != "seq2seq":
+            raise ValueError("generator.combine 'fid' needs an encoder-decoder reader (generator.kind: seq2seq)")
         model, tokenizer = load(name)
         builder = prompt_builder(cfg, tokenizer, sample_demonstrations(train, cfg.n_few_shot, seed))
         common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, strip_prefixes=cfg.strip_prefixes)
-        if cfg.fusion == "fid":
+        if cfg.combine == "fid":
             return FiDGenerator(model, tokenizer, builder, **common)
         decoder_only = cfg.kind == "decoder"
-        if cfg.fusion == "rag_sequence":
+        if cfg.combine == "rag_sequence":
             return RagSequenceGenerator(model, tokenizer, builder, decoding=cfg.rag_sequence_decoding, decoder_only=decoder_only, **common)
         return RagTokenGenerator(model, tokenizer, builder, decoder_only=decoder_only, **common)
     if cfg.backend == "ctranslate2":

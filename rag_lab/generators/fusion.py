@@ -15,6 +15,7 @@ doc_logits)`), so the runner, its caches and its resume treat them alike.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -133,10 +134,22 @@ def first_line(text: str) -> str:
     return text.lstrip("\n").split("\n", 1)[0].strip()
 
 
+def pick_candidate(candidates: Sequence[str], seq_logp: torch.Tensor, doc_logits: Sequence[float]) -> str:
+    """The candidate with the highest marginal sum_z p_eta(z|x) p_theta(y|x,z); seq_logp [U, k] holds
+    log p_theta(candidate u | x, z), -inf where not scored. Ties: the earlier candidate."""
+    marginal = marginal_logprob(torch.tensor(list(doc_logits), dtype=torch.float64), seq_logp.double())
+    return candidates[int(torch.argmax(marginal))]  # argmax returns the first maximum
+
+
 class RagSequenceGenerator(_PerPassageGenerator):
     """RAG-Sequence decoding. `thorough` (the paper's): a greedy candidate from each passage, every
     candidate scored against every passage, the argmax of the marginal kept. `fast`: a candidate is
-    scored only against the passages that produced it (p_theta(y|x,z) taken as 0 elsewhere)."""
+    scored only against the passages that produced it (p_theta(y|x,z) taken as 0 elsewhere).
+
+    Decoder-only readers read each (question, passage) prompt once: the greedy candidates and every
+    candidate's score continue from that prompt's key-value cache, so scoring U candidates costs
+    their few tokens, not U more passes over the prompts (`answer_logprobs` gives the same scores
+    from scratch: tested)."""
 
     def __init__(self, model, tokenizer, prompt_builder: PromptBuilder, decoding: str = "thorough", **kwargs):
         if decoding not in ("thorough", "fast"):
@@ -147,29 +160,109 @@ class RagSequenceGenerator(_PerPassageGenerator):
     @torch.inference_mode()
     def decode(self, prompts, examples, doc_logits) -> list[str]:
         flat = [p for row in prompts for p in row]
-        candidates = [first_line(r) for r in self.generate_batch(flat)] if flat else []
-        out, start = [], 0
-        for row, logits in zip(prompts, doc_logits):
-            cands, start = candidates[start:start + len(row)], start + len(row)
-            out.append(self.choose(row, cands, logits))
+        if not flat:
+            return [""] * len(prompts)
+        if self.is_decoder_only:
+            state = self.prefill([p.text for p in flat])
+            raws = self.tokenizer.batch_decode(self.greedy(state), skip_special_tokens=True)
+        else:
+            state, raws = None, self.generate_batch(flat)
+        cands = [first_line(r) for r in raws]
+        plan, pairs, start = [], [], 0
+        for row in prompts:  # which (candidate, passage) pairs each question scores
+            mine = cands[start:start + len(row)]
+            unique = list(dict.fromkeys(mine))
+            todo = [(u, j) for u in range(len(unique)) for j in range(len(row)) if self.decoding == "thorough" or mine[j] == unique[u]]
+            plan.append((unique, len(row), todo, len(pairs)))
+            pairs += [(start + j, unique[u]) for u, j in todo]
+            start += len(row)
+        scores = self.pair_scores(state, flat, pairs)
+        out = []
+        for unique, k, todo, first in plan:
+            if not k:
+                out.append("")
+                continue
+            seq = torch.full((len(unique), k), float("-inf"), dtype=torch.float64)
+            for n, (u, j) in enumerate(todo):
+                seq[u, j] = scores[first + n]
+            out.append(pick_candidate(unique, seq, doc_logits[len(out)]))
         return out
 
-    def choose(self, row: list[Prompt], cands: list[str], doc_logits: Sequence[float]) -> str:
-        """The candidate with the highest marginal (ties: the one from the higher-ranked passage)."""
-        if not row:
-            return ""
-        unique = list(dict.fromkeys(cands))
-        pairs = [(u, j) for u in range(len(unique)) for j in range(len(row))
-                 if self.decoding == "thorough" or cands[j] == unique[u]]
-        seq = torch.full((len(unique), len(row)), float("-inf"))
+    def pair_scores(self, state, flat: list[Prompt], pairs: list[tuple[int, str]]) -> list[float]:
+        """log p_theta(candidate + EOS | prompt) for each (prompt index, candidate) pair."""
+        out: list[float] = []
         for s in range(0, len(pairs), self.batch_size):
             chunk = pairs[s:s + self.batch_size]
-            logp, _ = answer_logprobs(self.model, self.tokenizer, [row[j].text for _, j in chunk], [unique[u] for u, _ in chunk],
-                                      not self.builder.use_chat, self.is_decoder_only)
-            for (u, j), v in zip(chunk, logp.sum(-1).double().cpu()):
-                seq[u, j] = v
-        marginal = marginal_logprob(torch.tensor(list(doc_logits), dtype=torch.float64), seq.double())
-        return unique[int(torch.argmax(marginal))]  # argmax returns the first maximum
+            if state is not None:
+                out += self.cached_scores(state, chunk)
+            else:
+                logp, _ = answer_logprobs(self.model, self.tokenizer, [flat[i].text for i, _ in chunk], [c for _, c in chunk],
+                                          not self.builder.use_chat, self.is_decoder_only)
+                out += logp.sum(-1).double().tolist()
+        return out
+
+    # ------------------------------------------------------------ decoder-only: one pass over each prompt
+
+    def prefill(self, texts: list[str]) -> dict:
+        """Read the left-padded prompts once: their mask, last positions, the log-distribution of the
+        first new token, and the key-value cache."""
+        device = next(self.model.parameters()).device
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not self.builder.use_chat).to(device)
+        self.stats["prompt_tokens"] += int(enc["attention_mask"].sum())
+        self.stats["padded_tokens"] += int(enc["attention_mask"].numel())
+        mask = enc["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        return {"mask": mask, "last": positions[:, -1], "first": torch.log_softmax(_exact(out.logits[:, -1]), -1),
+                "cache": out.past_key_values}
+
+    def greedy(self, state: dict) -> list[list[int]]:
+        """Greedy continuations of every prompt (on a copy of the cache), stopped at EOS or a newline."""
+        cache = copy.deepcopy(state["cache"])
+        mask, last, nxt = state["mask"], state["last"], state["first"].argmax(-1)
+        tokens: list[list[int]] = [[] for _ in range(mask.shape[0])]
+        for step in range(self.max_new_tokens):
+            stopped = _stopped(self.tokenizer, tokens)
+            for i, t in enumerate(nxt.tolist()):
+                if not stopped[i]:
+                    tokens[i].append(t)
+            if all(_stopped(self.tokenizer, tokens)) or step == self.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], -1)
+            last = last + 1
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1)
+        return tokens
+
+    def cached_scores(self, state: dict, pairs: list[tuple[int, str]]) -> list[float]:
+        """log p_theta(candidate + EOS | prompt) continuing from each prompt's cache."""
+        rows = torch.tensor([i for i, _ in pairs], device=state["mask"].device)
+        targets = [self.tokenizer(c, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id] for _, c in pairs]
+        first = state["first"][rows, torch.tensor([t[0] for t in targets], device=rows.device)].double()
+        width = max(map(len, targets)) - 1
+        if width == 0:
+            return first.tolist()
+        ids = torch.full((len(pairs), width), self.tokenizer.pad_token_id, dtype=torch.long, device=rows.device)
+        new = torch.zeros((len(pairs), width), dtype=torch.long, device=rows.device)
+        for n, t in enumerate(targets):  # right-padded: padding after a candidate never reaches its tokens
+            ids[n, :len(t) - 1], new[n, :len(t) - 1] = torch.tensor(t[:-1]), 1
+        cache = copy.deepcopy(state["cache"])
+        for layer in cache.layers:
+            layer.batch_select_indices(rows)
+        mask = torch.cat([state["mask"][rows], new], -1)
+        positions = state["last"][rows][:, None] + 1 + torch.arange(width, device=rows.device)[None, :]
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).logits
+        nexts = torch.full_like(ids, 0)
+        for n, t in enumerate(targets):
+            nexts[n, :len(t) - 1] = torch.tensor(t[1:])
+        rest = torch.log_softmax(_exact(logits), -1).gather(-1, nexts[..., None]).squeeze(-1).double()
+        return (first + (rest * new).sum(-1)).tolist()
+
+
+def _stopped(tokenizer, tokens: list[list[int]]) -> list[bool]:
+    """Which continuations are finished: EOS emitted, or a newline after the first non-newline text."""
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return [(tokenizer.eos_token_id in t) or ("\n" in s.lstrip("\n")) for t, s in zip(tokens, texts)]
 
 
 class RagTokenGenerator(_PerPassageGenerator):
@@ -193,11 +286,6 @@ class RagTokenGenerator(_PerPassageGenerator):
         logp = torch.log_softmax(logits.float(), -1).view(b, k, -1)
         return torch.logsumexp(weights.to(logp.device)[..., None] + logp, dim=1).argmax(-1)
 
-    def _stopped(self, tokens: list[list[int]]) -> list[bool]:
-        eos = self.tokenizer.eos_token_id
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return [(eos in t) or ("\n" in s.lstrip("\n")) for t, s in zip(tokens, texts)]
-
     def _decoder_steps(self, texts: list[str], b: int, k: int, weights: torch.Tensor) -> list[list[int]]:
         device = next(self.model.parameters()).device
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not self.builder.use_chat).to(device)
@@ -209,11 +297,11 @@ class RagTokenGenerator(_PerPassageGenerator):
         tokens: list[list[int]] = [[] for _ in range(b)]
         for _ in range(self.max_new_tokens):
             nxt = self._mix(out.logits[:, -1], b, k, weights)
-            stopped = self._stopped(tokens)
+            stopped = _stopped(self.tokenizer, tokens)
             for i in range(b):
                 if not stopped[i]:
                     tokens[i].append(int(nxt[i]))
-            if all(self._stopped(tokens)):
+            if all(_stopped(self.tokenizer, tokens)):
                 break
             ids = nxt.repeat_interleave(k)[:, None]
             attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], -1)
@@ -232,11 +320,11 @@ class RagTokenGenerator(_PerPassageGenerator):
         for _ in range(self.max_new_tokens):
             logits = self.model(encoder_outputs=encoded, attention_mask=enc["attention_mask"], decoder_input_ids=dec).logits[:, -1]
             nxt = self._mix(logits, b, k, weights)
-            stopped = self._stopped(tokens)
+            stopped = _stopped(self.tokenizer, tokens)
             for i in range(b):
                 if not stopped[i]:
                     tokens[i].append(int(nxt[i]))
-            if all(self._stopped(tokens)):
+            if all(_stopped(self.tokenizer, tokens)):
                 break
             dec = torch.cat([dec, nxt.repeat_interleave(k)[:, None]], -1)
         return tokens
