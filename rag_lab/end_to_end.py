@@ -81,11 +81,12 @@ def recall_tests(evals: dict[str, RetrievalEval], base: str, ks=KS, seed: int = 
         if ev.question_ids != evals[base].question_ids:
             raise ValueError(f"{name} and {base} were evaluated on different questions")
         for k, after in ev.recall(ks).items():
-            test = paired_bootstrap_test(after.astype(float), before[k].astype(float), seed=seed)
-            rows.append({"retriever": name, "baseline": base, "k": k, "n": len(after), "baseline_recall": float(before[k].mean()),
+            after, prior = after.astype(bool), before[k].astype(bool)
+            test = paired_bootstrap_test(after.astype(float), prior.astype(float), seed=seed)
+            rows.append({"retriever": name, "baseline": base, "k": k, "n": len(after), "baseline_recall": float(prior.mean()),
                          "recall": float(after.mean()), "diff": test["diff"], "diff_low": test["ci_low"], "diff_high": test["ci_high"],
-                         "p_bootstrap": test["p_value"], "p_mcnemar": mcnemar_exact(after.astype(float), before[k].astype(float))["p_value"],
-                         "gained": int((after & ~before[k]).sum()), "lost": int((before[k] & ~after).sum())})
+                         "p_bootstrap": test["p_value"], "p_mcnemar": mcnemar_exact(after.astype(float), prior.astype(float))["p_value"],
+                         "gained": int((after & ~prior).sum()), "lost": int((prior & ~after).sum())})
     return pd.DataFrame(rows)
 
 

@@ -3,6 +3,7 @@ random models built here: every loss against an explicit float64 computation, gr
 resume, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import faiss
@@ -331,3 +332,40 @@ def test_bad_inputs_fail_clearly(tiny, tmp_path):
     with pytest.raises(ValueError, match="needs contexts and doc_logits"):
         model, tokenizer = load_causal_lm(str(tiny / "lm"))
         RagSequenceGenerator(model, tokenizer, prompt_builder(plain_cfg(tiny / "lm"), tokenizer)).generate(QUESTIONS, None)
+
+
+# ---------------------------------------------------------------- through the runner
+
+def test_the_runner_trains_end_to_end_and_retrieves_with_the_trained_query_encoder(tiny, tmp_path, monkeypatch):
+    import json
+
+    from rag_lab.config import from_dict
+    from rag_lab.pipeline import contexts
+    from rag_lab.runner import run_experiment
+
+    monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("RAG_LAB_CACHE", str(tmp_path / "cache"))
+    write = lambda path, rows: path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
+    write(tmp_path / "eval.jsonl", [{"id": q.id, "question": q.question, "answers": q.answers} for q in QUESTIONS[:3]])
+    write(tmp_path / "train.jsonl", [{"id": f"t{i}", "question": q.question + " now", "answers": q.answers} for i, q in enumerate(QUESTIONS)])
+    write(tmp_path / "corpus.jsonl", [{"id": p.id, "title": p.title, "text": p.text} for p in PASSAGES])
+    cfg = from_dict(ExperimentConfig, {
+        "name": "tiny_e2e", "regime": "rag_e2e_ft",
+        "data": {"dataset": str(tmp_path / "eval.jsonl"), "train_split": str(tmp_path / "train.jsonl"), "corpus": str(tmp_path / "corpus.jsonl")},
+        "retriever": {"kind": "dense", "k": 2, "encoder": str(tiny / "enc"), "max_length": 32, "temperature": 0.1},
+        "generator": {"model": str(tiny / "lm"), "use_chat_template": False, "max_new_tokens": 3, "max_input_tokens": 60, "combine": "rag_sequence"},
+        "training": {"enabled": True, "objective": "rag_sequence", "learning_rate": 1e-3, "query_learning_rate": 1e-2, "epochs": 1,
+                     "batch_size": 2, "eval_steps": 2, "dev_size": 2, "group_by_length": False}})
+    result = run_experiment(cfg, show_progress=False)
+    info = result.training[0]
+    assert info["objective"] == "rag_sequence" and info["global_step"] == 2 and info["passage_entropy"]
+    final = tmp_path / "cache" / "train"
+    (folder,) = [p for p in final.iterdir() if p.name.startswith("tiny_e2e-")]
+    assert (folder / "final" / "query_encoder").is_dir()
+    # the eval questions were retrieved again, by the trained query encoder over the fixed passage embeddings
+    trained = dataclasses.replace(cfg.retriever, query_encoder=str(folder / "final" / "query_encoder"))
+    (ctx,) = contexts(trained, PASSAGES, 2, [QAExample(q.id, q.question, q.answers) for q in QUESTIONS[:3]], show_progress=False)
+    assert [r["passage_ids"] for r in result.predictions] == ctx.ids()
+    assert "retrieve_seed0_s" in result.timings
+    again = run_experiment(cfg, show_progress=False)  # everything reused: the same run folder and predictions
+    assert again.run_dir == result.run_dir and again.predictions == result.predictions
