@@ -426,9 +426,9 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     timings["wall_s"] = time.perf_counter() - t0
     # the row's cost is that of computing it, not of a rerun served from the caches
     compute_s = None if None in compute.values() else timings["data_s"] + timings["retrieve_s"] + sum(compute.values())
+    repair_main_table(profile)  # before this run's folder exists, which has no row yet
     run_dir = write_run_folder(cfg, profile, key, rows, metrics, {**timings, "compute_s": compute_s}, training,
                                data.leak_check)
-    repair_main_table(profile)
     row = table_row(cfg, metrics, eval_set_name(cfg.data, len(data.questions)), compute_s,
                     run_dir.relative_to(profile_results_dir(profile)).as_posix())
     upsert_main_table([row], profile)

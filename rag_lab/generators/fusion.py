@@ -204,17 +204,7 @@ class RagSequenceGenerator(_PerPassageGenerator):
     # ------------------------------------------------------------ decoder-only: one pass over each prompt
 
     def prefill(self, texts: list[str]) -> dict:
-        """Read the left-padded prompts once: their mask, last positions, the log-distribution of the
-        first new token, and the key-value cache."""
-        device = next(self.model.parameters()).device
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not self.builder.use_chat).to(device)
-        self.stats["prompt_tokens"] += int(enc["attention_mask"].sum())
-        self.stats["padded_tokens"] += int(enc["attention_mask"].numel())
-        mask = enc["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        return {"mask": mask, "last": positions[:, -1], "first": torch.log_softmax(_exact(out.logits[:, -1]), -1),
-                "cache": out.past_key_values}
+        return prefill(self, texts)
 
     def greedy(self, state: dict) -> list[list[int]]:
         """Greedy continuations of every prompt (on a copy of the cache), stopped at EOS or a newline."""
@@ -222,11 +212,7 @@ class RagSequenceGenerator(_PerPassageGenerator):
         mask, last, nxt = state["mask"], state["last"], state["first"].argmax(-1)
         tokens: list[list[int]] = [[] for _ in range(mask.shape[0])]
         for step in range(self.max_new_tokens):
-            stopped = _stopped(self.tokenizer, tokens)
-            for i, t in enumerate(nxt.tolist()):
-                if not stopped[i]:
-                    tokens[i].append(t)
-            if all(_stopped(self.tokenizer, tokens)) or step == self.max_new_tokens - 1:
+            if _append(self.tokenizer, tokens, nxt) or step == self.max_new_tokens - 1:
                 break
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], -1)
             last = last + 1
@@ -259,6 +245,28 @@ class RagSequenceGenerator(_PerPassageGenerator):
         return (first + (rest * new).sum(-1)).tolist()
 
 
+def prefill(generator: HFGenerator, texts: list[str]) -> dict:
+    """Read left-padded prompts once with a decoder-only model: their mask, last positions, the
+    log-distribution of the first new token, and the key-value cache (counted in the generator's stats)."""
+    device = next(generator.model.parameters()).device
+    enc = generator.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not generator.builder.use_chat).to(device)
+    generator.stats["prompt_tokens"] += int(enc["attention_mask"].sum())
+    generator.stats["padded_tokens"] += int(enc["attention_mask"].numel())
+    mask = enc["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = generator.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    return {"mask": mask, "last": positions[:, -1], "first": torch.log_softmax(_exact(out.logits[:, -1]), -1),
+            "cache": out.past_key_values}
+
+
+def _append(tokenizer, tokens: list[list[int]], nxt: torch.Tensor) -> bool:
+    """Append each row's next token unless the row has finished; True once every row has."""
+    for row, t, done in zip(tokens, nxt.tolist(), _stopped(tokenizer, tokens)):
+        if not done:
+            row.append(t)
+    return all(_stopped(tokenizer, tokens))
+
+
 def _stopped(tokenizer, tokens: list[list[int]]) -> list[bool]:
     """Which continuations are finished: EOS emitted, or a newline after the first non-newline text."""
     texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
@@ -287,27 +295,18 @@ class RagTokenGenerator(_PerPassageGenerator):
         return torch.logsumexp(weights.to(logp.device)[..., None] + logp, dim=1).argmax(-1)
 
     def _decoder_steps(self, texts: list[str], b: int, k: int, weights: torch.Tensor) -> list[list[int]]:
-        device = next(self.model.parameters()).device
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not self.builder.use_chat).to(device)
-        self.stats["prompt_tokens"] += int(enc["attention_mask"].sum())
-        self.stats["padded_tokens"] += int(enc["attention_mask"].numel())
-        attention = enc["attention_mask"]
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=enc["input_ids"], attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
+        state = prefill(self, texts)
+        attention, last, cache, logp = state["mask"], state["last"], state["cache"], state["first"]
         tokens: list[list[int]] = [[] for _ in range(b)]
         for _ in range(self.max_new_tokens):
-            nxt = self._mix(out.logits[:, -1], b, k, weights)
-            stopped = _stopped(self.tokenizer, tokens)
-            for i in range(b):
-                if not stopped[i]:
-                    tokens[i].append(int(nxt[i]))
-            if all(_stopped(self.tokenizer, tokens)):
+            nxt = self._mix(logp, b, k, weights)
+            if _append(self.tokenizer, tokens, nxt):
                 break
-            ids = nxt.repeat_interleave(k)[:, None]
             attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], -1)
-            positions = positions[:, -1:] + 1
-            out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=out.past_key_values,
-                             use_cache=True)
+            last = last + 1
+            out = self.model(input_ids=nxt.repeat_interleave(k)[:, None], attention_mask=attention, position_ids=last[:, None],
+                             past_key_values=cache, use_cache=True)
+            logp = out.logits[:, -1]
         return tokens
 
     def _seq2seq_steps(self, texts: list[str], b: int, k: int, weights: torch.Tensor) -> list[list[int]]:
@@ -320,11 +319,7 @@ class RagTokenGenerator(_PerPassageGenerator):
         for _ in range(self.max_new_tokens):
             logits = self.model(encoder_outputs=encoded, attention_mask=enc["attention_mask"], decoder_input_ids=dec).logits[:, -1]
             nxt = self._mix(logits, b, k, weights)
-            stopped = _stopped(self.tokenizer, tokens)
-            for i in range(b):
-                if not stopped[i]:
-                    tokens[i].append(int(nxt[i]))
-            if all(_stopped(self.tokenizer, tokens)):
+            if _append(self.tokenizer, tokens, nxt):
                 break
             dec = torch.cat([dec, nxt.repeat_interleave(k)[:, None]], -1)
         return tokens
