@@ -426,9 +426,9 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     timings["wall_s"] = time.perf_counter() - t0
     # the row's cost is that of computing it, not of a rerun served from the caches
     compute_s = None if None in compute.values() else timings["data_s"] + timings["retrieve_s"] + sum(compute.values())
-    repair_main_table(profile)  # before this run's folder exists, which has no row yet
     run_dir = write_run_folder(cfg, profile, key, rows, metrics, {**timings, "compute_s": compute_s}, training,
                                data.leak_check)
+    repair_main_table(profile, pending=run_dir)  # this run's folder gets its row just below: not a problem
     row = table_row(cfg, metrics, eval_set_name(cfg.data, len(data.questions)), compute_s,
                     run_dir.relative_to(profile_results_dir(profile)).as_posix())
     upsert_main_table([row], profile)
@@ -521,12 +521,12 @@ def row_from_run_folder(run_dir: Path, profile: str) -> dict:
                      run_dir.relative_to(profile_results_dir(profile)).as_posix())
 
 
-def main_table_problem(profile: str = "default") -> str | None:
+def main_table_problem(profile: str = "default", pending: Path | None = None) -> str | None:
     """Why results/main_table.csv cannot be trusted (None: it can): unreadable, a header without
     the key and metric columns, rows with empty key or metric cells (a truncated file), or no row
     for a complete run folder."""
     path = profile_results_dir(profile) / "main_table.csv"
-    folders = [d for d in run_folders(profile) if check_run_folder(d) is None]
+    folders = [d for d in run_folders(profile) if check_run_folder(d) is None and d != pending]
     if not path.exists():
         return f"{path} is missing but {len(folders)} run folders exist" if folders else None
     try:
@@ -560,12 +560,15 @@ def rebuild_main_table(profile: str = "default") -> pd.DataFrame:
     path = profile_results_dir(profile) / "main_table.csv"
     for stale in (path, path.with_suffix(".md")):
         stale.unlink(missing_ok=True)
+    if not latest:  # no complete run folder (another process may have just rebuilt): no table, not an empty one
+        return pd.DataFrame()
     return upsert_main_table([row for _, row in latest.values()], profile)
 
 
-def repair_main_table(profile: str = "default") -> str | None:
-    """Rebuild the main table when `main_table_problem` finds one; returns (and prints) what was wrong."""
-    problem = main_table_problem(profile)
+def repair_main_table(profile: str = "default", pending: Path | None = None) -> str | None:
+    """Rebuild the main table when `main_table_problem` finds one (`pending`: a run folder whose row is
+    about to be upserted, not a problem); returns (and prints) what was wrong."""
+    problem = main_table_problem(profile, pending)
     if problem:
         print(f"rag-lab: {problem}: rebuilding it from the run folders", file=sys.stderr)
         rebuild_main_table(profile)
