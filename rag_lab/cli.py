@@ -1,5 +1,5 @@
-"""Command line: `rag-lab build-data`, `rag-lab reproduce`, `rag-lab fetch-models`, `rag-lab config-help`,
-`rag-lab check-config`."""
+"""Command line: `rag-lab build-data`, `rag-lab reproduce`, `rag-lab run`, `rag-lab index`, `rag-lab table`,
+`rag-lab fetch-models`, `rag-lab config-help`, `rag-lab check-config`."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,15 @@ def _run(args: argparse.Namespace) -> None:
         m = result.metrics["all"]
         print(f"{cfg.name} [{args.profile}] n={m['n']}: EM {m['em']['mean']:.3f}  F1 {m['f1']['mean']:.3f}  "
               f"match {m['match']['mean']:.3f}  ({result.timings['wall_s']:.0f} s) -> {result.run_dir}")
+
+
+def _index(args: argparse.Namespace) -> None:
+    from rag_lab.indexing import index_experiment, parse_shard  # why: loads torch and transformers (seconds)
+
+    cfg = load_experiment(args.experiment, profile=args.profile)
+    for line in index_experiment(cfg, parse_shard(args.shard) if args.shard else None, args.workers if args.ray else 0,
+                                 args.shards, args.gpus_per_worker, args.address, args.profile):
+        print(line)
 
 
 def _table(args: argparse.Namespace) -> None:
@@ -126,6 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiments", nargs="+", type=Path)
     p.add_argument("--profile", choices=PROFILES, default="default")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("index", help="build an experiment's retrieval index ahead of its run (sharded, or on Ray)")
+    p.add_argument("experiment", type=Path)
+    p.add_argument("--profile", choices=PROFILES, default="default")
+    p.add_argument("--shard", metavar="I/N", help="dense: encode only shard I of N (0-based; one per GPU or machine), "
+                   "then run once more without --shard to build the index")
+    p.add_argument("--ray", action="store_true", help="encode the dense shards on Ray Data workers (pip install -e '.[scale]'; "
+                   "joins $RAY_ADDRESS or --address, else starts a local Ray)")
+    p.add_argument("--workers", type=int, default=2, help="--ray: encoder actors (one per GPU, or per CPU worker)")
+    p.add_argument("--shards", type=int, default=None, help="--ray: shards to split the corpus into (default: --workers)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="--ray: GPUs per encoder actor (0: CPU workers)")
+    p.add_argument("--address", default=None, help="--ray: the cluster to join (default $RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_index)
 
     p = sub.add_parser("table", help="print the main results table")
     p.add_argument("--profile", choices=PROFILES, default="default")

@@ -94,6 +94,9 @@ class RetrieverConfig:
     index_factory: str = _help("FAISS index_factory string (Flat, HNSW32, IVF1024,PQ64, ...)", "Flat")
     search_params: str = _help("FAISS ParameterSpace string applied at search (e.g. 'efSearch=128', 'nprobe=16')", "")
     encode_batch_size: int = _help("passages per encoder batch", 64)
+    embedding_dtype: Literal["float32", "float16"] = _help(
+        "dtype of the stored corpus embeddings (float16 halves the disk and memory of a large corpus; the index is "
+        "built and searched in float32)", "float32", late=True)
     # hybrid
     fusion: Literal["rrf", "weighted"] = _help("hybrid fusion: reciprocal-rank or weighted normalised scores", "rrf")
     rrf_k: int = _help("RRF constant: score = sum 1/(rrf_k + rank)", 60)
@@ -117,9 +120,15 @@ class RetrieverConfig:
 class GeneratorConfig:
     kind: Literal["decoder", "seq2seq", "extractive"] = _help("reader family", "decoder")
     model: str = _help("embedded name, local path or hub id", "smollm2-135m-instruct")
-    backend: Literal["transformers", "ctranslate2"] = _help(
+    backend: Literal["transformers", "ctranslate2", "vllm"] = _help(
         "inference engine for decoder readers: transformers (float32), or ctranslate2 (int8 on CPU: decoding several "
-        "times faster, prefill about the same; the checkpoint is converted once and cached)", "transformers")
+        "times faster, prefill about the same; the checkpoint is converted once and cached), or vllm (GPUs: paged "
+        "attention and continuous batching over each generator.batch_size prompts, so set it large; the vllm package "
+        "is not part of the default install)", "transformers")
+    vllm_tensor_parallel: int = _help("vllm: GPUs one engine shards the model over (data parallel: one engine per "
+                                      "GPU group through rag_lab.scale.ray_generate)", 1, late=True)
+    vllm_dtype: str = _help("vllm: weight/activation dtype (auto: the checkpoint's; float16, bfloat16, float32)", "auto", late=True)
+
     ct2_compute_type: str = _help("ctranslate2 compute type: auto (int8 on CPU, int8_float16 on CUDA), int8, float32, "
                                   "float16, int8_float16, ...", "auto")
     max_new_tokens: int = _help("greedy decoding budget", 16)
@@ -163,9 +172,11 @@ class GeneratorConfig:
                 raise ConfigError(f"generator.{key} must be positive, got {getattr(self, key)}")
         if self.n_few_shot < 0:
             raise ConfigError(f"generator.n_few_shot must be >= 0, got {self.n_few_shot}")
-        if self.backend == "ctranslate2" and self.kind != "decoder":
-            raise ConfigError(f"generator.backend: ctranslate2 serves decoder readers; generator.kind {self.kind!r} "
+        if self.backend in ("ctranslate2", "vllm") and self.kind != "decoder":
+            raise ConfigError(f"generator.backend: {self.backend} serves decoder readers here; generator.kind {self.kind!r} "
                               "runs on backend: transformers")
+        if self.vllm_tensor_parallel < 1:
+            raise ConfigError(f"generator.vllm_tensor_parallel must be >= 1, got {self.vllm_tensor_parallel}")
         if self.ct2_compute_type not in CT2_COMPUTE_TYPES:
             raise ConfigError(f"generator.ct2_compute_type {self.ct2_compute_type!r}: choose one of {', '.join(CT2_COMPUTE_TYPES)}")
 

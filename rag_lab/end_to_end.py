@@ -5,7 +5,7 @@ same fixed passage embeddings; paired tests on the same questions; the questions
     study = query_encoder_study(base_cfg, {"rag_sequence": final_dir, ...}, profile)
     study.table        # rows of results/retrieval.* (beside notebook 01's retrievers)
     study.tests        # recall@k differences vs the starting encoder, paired bootstrap + McNemar
-    examples, counts = top1_changes(frozen_predictions, e2e_predictions, passages_by_id)   # the top-1 that changed
+    examples, counts = top1_changes(frozen_predictions, e2e_predictions, corpus)   # the top-1 that changed
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from rag_lab.config import DataConfig, ExperimentConfig
+from rag_lab.data.corpus import Corpus, as_corpus
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.data.subsets import corpus_label, eval_set_name
 from rag_lab.metrics import AnswerInPassage, mcnemar_exact, paired_bootstrap_test
@@ -90,18 +91,19 @@ def recall_tests(evals: dict[str, RetrievalEval], base: str, ks=KS, seed: int = 
     return pd.DataFrame(rows)
 
 
-def top1_changes(before: list[dict], after: list[dict], passages: dict[str, Passage], n: int = 8, seed: int = 0) -> tuple[pd.DataFrame, dict]:
+def top1_changes(before: list[dict], after: list[dict], passages: Sequence[Passage] | Corpus, n: int = 8, seed: int = 0) -> tuple[pd.DataFrame, dict]:
     """From two runs' prediction rows on the same questions (a frozen retriever's, an end-to-end one's):
     the questions whose top-1 passage changed, gains first (did the old / new top-1 hold a gold answer,
     and was each answer right), and the counts over all questions."""
     if [r["id"] for r in before] != [r["id"] for r in after]:
         raise ValueError("top1_changes pairs two runs on the same questions, in the same order")
-    holds = AnswerInPassage()
+    holds, corpus = AnswerInPassage(), as_corpus(passages)
+    changed = [(b, a) for b, a in zip(before, after)
+               if a["passage_ids"] and b["passage_ids"] and a["passage_ids"][0] != b["passage_ids"][0]]
+    tops = iter(corpus.take(corpus.rows_of([r["passage_ids"][0] for pair in changed for r in pair])) if changed else [])
     rows = []
-    for b, a in zip(before, after):
-        if not a["passage_ids"] or not b["passage_ids"] or a["passage_ids"][0] == b["passage_ids"][0]:
-            continue
-        old, new = passages[b["passage_ids"][0]], passages[a["passage_ids"][0]]
+    for b, a in changed:
+        old, new = next(tops), next(tops)
         rows.append({"question": b["question"], "answer": b["answers"][0], "top-1 before": old.id, "held answer before": holds(b["answers"], old),
                      "top-1 after": new.id, "held answer after": holds(b["answers"], new),
                      "prediction before": b["prediction"], "prediction after": a["prediction"], "em before": b["em"], "em after": a["em"]})

@@ -27,14 +27,14 @@ def profile_results_dir(profile: str) -> Path:
     return results_dir() if profile == "default" else results_dir() / profile
 
 
-CACHE_KINDS = ("runs", "retrieval", "train", "models")
+CACHE_KINDS = ("runs", "retrieval", "train", "models", "corpus")
 
 
 def cache_dir(kind: str) -> Path:
     """The one place a cache folder is decided: `$RAG_LAB_CACHE/<kind>` when set; otherwise model
     weights (kind "models": downloads, de-quantised and converted checkpoints) are shared by every
     checkout under `~/.cache/rag_lab/models`, and what experiments compute (runs: generation
-    stages; retrieval: indexes and results; train: fine-tuned checkpoints) lives in `<repo>/cache/<kind>`
+    stages; retrieval: indexes and results; train: fine-tuned checkpoints; corpus: corpora converted to Arrow) lives in `<repo>/cache/<kind>`
     (git-ignored)."""
     if kind not in CACHE_KINDS:
         raise ValueError(f"cache kind {kind!r}: kinds are {', '.join(CACHE_KINDS)}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from rag_lab.data.corpus import Corpus, as_corpus
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.retrievers import build_retriever, cached_retrieve
 from rag_lab.retrievers.base import Hit
@@ -46,14 +47,23 @@ def contexts(retriever_cfg, passages: Sequence[Passage], k: int, *question_sets:
     corpus with the same settings); an empty question set gets empty contexts. With `corpus_label`,
     an index built in this process is recorded in timings.csv under that corpus name.
     """
-    retriever = build_retriever(retriever_cfg, passages, cache_dir=cache_dir, show_progress=show_progress)
-    if corpus_label is not None:
-        record_index_builds(retriever, corpus_label, profile)
+    retriever = build_index(retriever_cfg, passages, cache_dir, show_progress, corpus_label, profile)
     out = []
     for questions in question_sets:
         hits = cached_retrieve(retriever, questions, k, cache_dir) if questions else []
         out.append(Contexts(hits, contexts_from_hits(hits, passages)))
     return out
+
+
+def build_index(retriever_cfg, passages: Sequence[Passage] | Corpus, cache_dir: Path | None = None, show_progress: bool = True,
+                corpus_label: str | None = None, profile: str = "default"):
+    """The retriever of `retriever_cfg` over `passages`, its index built (or loaded from the cache); with
+    `corpus_label`, an index built in this process is recorded in timings.csv under that corpus name.
+    `rag-lab index` calls it to build ahead of a run what the run will then load."""
+    retriever = build_retriever(retriever_cfg, passages, cache_dir=cache_dir, show_progress=show_progress)
+    if corpus_label is not None:
+        record_index_builds(retriever, corpus_label, profile)
+    return retriever
 
 
 def dense_index(retriever_cfg, passages: Sequence[Passage], cache_dir: Path | None = None, show_progress: bool = True):
@@ -65,7 +75,9 @@ def dense_index(retriever_cfg, passages: Sequence[Passage], cache_dir: Path | No
     return build_retriever(retriever_cfg, passages, cache_dir=cache_dir, show_progress=show_progress)
 
 
-def contexts_from_hits(hits: Sequence[Sequence[Hit]], passages: Sequence[Passage]) -> list[list[Passage]]:
-    """The passages that `hits` name, looked up by id in `passages`."""
-    by_id = {p.id: p for p in passages}
-    return [[by_id[h.passage_id] for h in row] for row in hits]
+def contexts_from_hits(hits: Sequence[Sequence[Hit]], passages: Sequence[Passage] | Corpus) -> list[list[Passage]]:
+    """The passages that `hits` name, looked up by id in the corpus (one Arrow lookup for all of them)."""
+    corpus = as_corpus(passages)
+    ids = [h.passage_id for row in hits for h in row]
+    found = iter(corpus.take(corpus.rows_of(ids)) if ids else [])
+    return [[next(found) for _ in row] for row in hits]

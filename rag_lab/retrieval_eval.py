@@ -20,7 +20,7 @@ from rag_lab.generators import prompt_builder
 from rag_lab.metrics import AnswerInPassage, answer_recall_at_k, bootstrap_ci
 from rag_lab.models import load_tokenizer, resolve_model
 from rag_lab.paths import profile_results_dir
-from rag_lab.pipeline import Contexts, contexts
+from rag_lab.pipeline import Contexts, contexts, contexts_from_hits
 from rag_lab.results import KS, display_budget_table, display_retrieval_table, upsert_rows
 from rag_lab.retrievers.base import Hit
 from rag_lab.runner import ensure_retriever_trained
@@ -128,7 +128,7 @@ def describe(rcfg) -> str:
 def worked_examples(study: StudyResult, retriever: str, n: int = 3, top: int = 3) -> list[dict]:
     """n questions (first with the answer in the top passages, first without, first with it
     only deeper down), each with its top passages and whether each holds a gold answer."""
-    ev, by_id = study.evals[retriever], {p.id: p for p in study.passages}
+    ev = study.evals[retriever]
     found_top = ev.matrix[:, :top].any(axis=1)
     found_deeper = ev.matrix.any(axis=1) & ~found_top
     picks = []
@@ -138,10 +138,10 @@ def worked_examples(study: StudyResult, retriever: str, n: int = 3, top: int = 3
             picks.append(idx)
     out = []
     for i in picks[:n]:
-        q = study.questions[i]
+        q, hits = study.questions[i], study.hits[retriever][i][:top]
+        (shown,) = contexts_from_hits([hits], study.passages)
         passages = [{"rank": h.rank, "score": round(h.score, 3), "has_answer": bool(ev.matrix[i, h.rank - 1]),
-                     "title": by_id[h.passage_id].title, "text": by_id[h.passage_id].text}
-                    for h in study.hits[retriever][i][:top]]
+                     "title": p.title, "text": p.text} for h, p in zip(hits, shown)]
         first = int(ev.matrix[i].argmax()) + 1 if ev.matrix[i].any() else None
         out.append({"id": q.id, "question": q.question, "answers": list(q.answers),
                     "first_rank_with_answer": first, "passages": passages})

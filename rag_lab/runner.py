@@ -29,7 +29,7 @@ import torch
 import transformers
 
 from rag_lab.config import ConfigError, ExperimentConfig, RetrieverConfig, RetrieverTrainingConfig, from_dict, key_view
-from rag_lab.data import DATASETS, load_qa
+from rag_lab.data import DATASETS, Corpus, load_qa
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.data.subsets import corpus_for, corpus_label, eval_set_name, subset_questions
 from rag_lab.generators import build_generator
@@ -62,7 +62,7 @@ class RunResult:
 class RunData:
     questions: list[QAExample]  # the eval questions, in file order
     train: list[QAExample]  # the train split (fine-tuning, few-shot demonstrations), else empty
-    passages: list[Passage]  # the corpus the retriever searches (regimes with contexts), else empty
+    passages: Corpus | list  # the corpus the retriever searches (regimes with contexts, memory-mapped Arrow), else empty
     leak_check: dict = dataclasses.field(default_factory=dict)  # leak_guard's record, written to the run folder
 
 

@@ -41,7 +41,7 @@ def test_profiles_override_only_their_keys(tmp_path):
     ("retriever: {kind: bm25\n  k: [", r"exp.yaml:\d+: invalid YAML"),
     ("regime: rag\nretriever: {kind: oracle}", r"retriever.kind: oracle goes with regime: oracle"),
     ("regime: oracle\nretriever: {kind: bm25}", r"retriever.kind: oracle goes with regime: oracle"),
-    ("generator: {backend: vllm}", r"'generator.backend' = 'vllm' is not of type"),
+    ("generator: {backend: tensorrt}", r"'generator.backend' = 'tensorrt' is not of type"),
     ("generator: {kind: seq2seq, backend: ctranslate2}", r"backend: ctranslate2 serves decoder readers"),
     ("data: {only_answer_in_corpus: 'false'}", r"'data.only_answer_in_corpus' = 'false' is not of type bool"),
 ])

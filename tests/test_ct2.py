@@ -67,9 +67,9 @@ def test_first_line_rule_matches_stop_at_newline():
     gen = ct2.CT2DecoderGenerator.__new__(ct2.CT2DecoderGenerator)
     gen.tokenizer, gen.stop_at_newline = Tok(), True
     ids = list(map(ord, "\nparis\nfrance"))
-    assert gen._first_line(ids) == "\nparis\n"  # a leading newline does not end the answer
+    assert gen.first_line(ids) == "\nparis\n"  # a leading newline does not end the answer
     gen.stop_at_newline = False
-    assert gen._first_line(ids) == "\nparis\nfrance"
+    assert gen.first_line(ids) == "\nparis\nfrance"
 
 
 def test_conversion_is_cached_by_content(tiny_checkpoint, monkeypatch):

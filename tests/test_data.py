@@ -8,7 +8,8 @@ from rag_lab.data import DATASETS, load_corpus, load_qa
 from rag_lab.data import build_nq_mini
 from rag_lab.data.chunking import article_to_passages, chunk_words
 from rag_lab.data.coverage import AnswerOccurrenceIndex
-from rag_lab.data.loaders import load_corpus_file, load_qa_file
+from rag_lab.data.corpus import file_corpus as load_corpus_file
+from rag_lab.data.loaders import load_qa_file
 from rag_lab.io import DataError, atomic_write_text, read_jsonl, sha256_file
 from rag_lab.metrics import has_answer
 from rag_lab.paths import source_data_dir
@@ -56,7 +57,8 @@ def test_bad_qa_rows_name_file_and_line(tmp_path, line, message):
         load_qa_file(path)
 
 
-def test_corpus_errors(tmp_path):
+def test_corpus_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAG_LAB_CACHE", str(tmp_path / "cache"))
     good = '{"id": "p1", "title": "T", "text": "some text"}'
     with pytest.raises(DataError, match=r"corpus.jsonl:2: corpus row has no 'text'"):
         load_corpus_file(write_lines(tmp_path / "corpus.jsonl", [good, '{"id": "p2", "title": "T"}']))

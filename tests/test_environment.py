@@ -16,7 +16,7 @@ def _norm(spec: str) -> tuple[str, str]:
 def test_environment_yml_matches_pyproject_and_makefile():
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    declared = {_norm(s) for s in project["dependencies"] + extras["notebooks"] + extras["dev"] if not s.startswith("rag_lab")}
+    declared = {_norm(s) for s in project["dependencies"] + extras["notebooks"] + extras["scale"] + extras["dev"] if not s.startswith("rag_lab")}
 
     env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
     assert "python=3.11" in env["dependencies"]

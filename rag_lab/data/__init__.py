@@ -15,7 +15,8 @@ from types import ModuleType
 from typing import Protocol
 
 from rag_lab.data import nq_mini
-from rag_lab.data.loaders import load_corpus_file, load_hub_corpus, load_hub_qa, load_qa_file
+from rag_lab.data.corpus import Corpus, file_corpus, hub_corpus
+from rag_lab.data.loaders import load_hub_qa, load_qa_file
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.io import DataError
 
@@ -77,19 +78,20 @@ def load_qa(name_or_path: str, split: str = "eval") -> list[QAExample]:
     )
 
 
-def load_corpus(name_or_path: str) -> list[Passage]:
-    """Passages from a registered corpus name, a local file, or a hub dataset id."""
+def load_corpus(name_or_path: str) -> Corpus:
+    """The passages of a registered corpus name, a local file, or a hub dataset id, as a memory-mapped
+    Arrow `Corpus` (converted once, then read by row)."""
     if name_or_path in CORPORA:
         return CORPORA[name_or_path].load_corpus()
     if Path(name_or_path).is_file():
-        return load_corpus_file(name_or_path)
+        return file_corpus(name_or_path)
     hub = _hub_id(name_or_path)
     if hub:
-        return load_hub_corpus(hub[0], config=hub[1])
+        return hub_corpus(hub[0], config=hub[1])
     raise DataError(
         f"unknown corpus {name_or_path!r}: not a registered name ({', '.join(CORPORA)}), "
         "not an existing file, and not a hub id ('hf:<id>[:<config>]' or 'owner/name')"
     )
 
 
-__all__ = ["DATASETS", "CORPORA", "Passage", "QAExample", "load_qa", "load_corpus", "DataError"]
+__all__ = ["DATASETS", "CORPORA", "Corpus", "Passage", "QAExample", "load_qa", "load_corpus", "DataError"]

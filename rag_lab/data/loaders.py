@@ -1,21 +1,24 @@
-"""Loaders for local QA files and corpora (jsonl, json, parquet; optionally gzipped)
-and for hub datasets through `datasets.load_dataset` (users with network)."""
+"""Loaders for local QA files (jsonl, json, parquet, tsv; optionally gzipped), the row readers that
+corpus conversion streams (`file_rows`), and hub QA datasets through `datasets.load_dataset` (users with network)."""
 from __future__ import annotations
 
+import csv
+import gzip
 import json
 from pathlib import Path
 from typing import Any, Iterator
 
-import pandas as pd
+import pyarrow.parquet as pq
 
-from rag_lab.data.records import Passage, QAExample, passage_from_row, qa_from_row
+from rag_lab.data.records import QAExample, qa_from_row
 from rag_lab.io import DataError, read_jsonl
 
-QA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".tsv", ".tsv.gz")
 
 
-def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ("file:line" or "file:row N", row) for every record in a local file."""
+def file_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ("file:line" or "file:row N", row) for every record in a local file, streamed (a JSON
+    list is the exception: it is read whole)."""
     name = path.name
     if name.endswith((".jsonl", ".jsonl.gz")):
         for lineno, row in read_jsonl(path):
@@ -34,11 +37,25 @@ def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise DataError(f"{path}: record {i} is not an object")
             yield f"{path}: record {i}", row
     elif name.endswith(".parquet"):
-        for i, row in enumerate(pd.read_parquet(path).to_dict("records")):
-            row = {k: (list(v) if hasattr(v, "tolist") and not isinstance(v, str) else v) for k, v in row.items()}
-            yield f"{path}: row {i}", row
+        n = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=50_000):
+            for row in batch.to_pylist():
+                yield f"{path}: row {n}", row
+                n += 1
+    elif name.endswith((".tsv", ".tsv.gz")):  # DPR's psgs_w100.tsv: a header line (id, text, title), then rows
+        with (gzip.open(path, "rt", encoding="utf-8", newline="") if name.endswith(".gz")
+              else open(path, encoding="utf-8", newline="")) as f:
+            reader = csv.reader(f, delimiter="\t")
+            header = next(reader, None)
+            if not header or "text" not in header:
+                raise DataError(f"{path}:1: a tsv file needs a header line naming its columns (DPR: id, text, title)")
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                if len(row) != len(header):
+                    raise DataError(f"{where}: {len(row)} fields, the header has {len(header)} ({', '.join(header)})")
+                yield where, dict(zip(header, row))
     else:
-        raise DataError(f"{path}: unsupported file type (use one of {', '.join(QA_SUFFIXES)})")
+        raise DataError(f"{path}: unsupported file type (use one of {', '.join(SUFFIXES)})")
 
 
 def load_qa_file(path: str | Path, id_prefix: str | None = None) -> list[QAExample]:
@@ -47,23 +64,11 @@ def load_qa_file(path: str | Path, id_prefix: str | None = None) -> list[QAExamp
     if not path.exists():
         raise DataError(f"{path}: no such file")
     prefix = id_prefix or path.name.split(".")[0]
-    examples = [qa_from_row(row, where, f"{prefix}-{i}") for i, (where, row) in enumerate(_rows(path))]
+    examples = [qa_from_row(row, where, f"{prefix}-{i}") for i, (where, row) in enumerate(file_rows(path))]
     _check_unique([e.id for e in examples], path, "question")
     if not examples:
         raise DataError(f"{path}: no QA examples")
     return examples
-
-
-def load_corpus_file(path: str | Path) -> list[Passage]:
-    """Load passages (`id`, `title`, `text`) from a local file; duplicate ids and empty corpora are errors."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    passages = [passage_from_row(row, where, str(i)) for i, (where, row) in enumerate(_rows(path))]
-    if not passages:
-        raise DataError(f"{path}: empty corpus")
-    _check_unique([p.id for p in passages], path, "passage")
-    return passages
 
 
 def _check_unique(ids: list[str], path: Path, what: str) -> None:
@@ -81,11 +86,3 @@ def load_hub_qa(hub_id: str, split: str, config: str | None = None) -> list[QAEx
     ds = datasets.load_dataset(hub_id, config, split=split)
     prefix = f"{hub_id.split('/')[-1]}-{split}"
     return [qa_from_row(dict(row), f"{hub_id}[{split}] row {i}", f"{prefix}-{i}") for i, row in enumerate(ds)]
-
-
-def load_hub_corpus(hub_id: str, split: str = "train", config: str | None = None) -> list[Passage]:
-    """Load passages from a hub dataset with `text` (and `title`, `id`) columns (needs network)."""
-    import datasets  # why: ~2 s to import, and only hub datasets need it
-
-    ds = datasets.load_dataset(hub_id, config, split=split)
-    return [passage_from_row(dict(row), f"{hub_id}[{split}] row {i}", str(i)) for i, row in enumerate(ds)]

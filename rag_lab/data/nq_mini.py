@@ -5,8 +5,9 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from rag_lab.data.loaders import load_corpus_file, load_qa_file
-from rag_lab.data.records import Passage, QAExample
+from rag_lab.data.corpus import Corpus, file_corpus
+from rag_lab.data.loaders import load_qa_file
+from rag_lab.data.records import QAExample
 from rag_lab.io import DataError
 from rag_lab.paths import data_dir
 
@@ -24,7 +25,7 @@ def load_split(split: str) -> list[QAExample]:
     return _load_split(str(folder()), split)
 
 
-def load_corpus() -> list[Passage]:
+def load_corpus() -> Corpus:
     return _load_corpus(str(folder()))
 
 
@@ -35,8 +36,8 @@ def _load_split(root: str, split: str) -> list[QAExample]:
 
 
 @lru_cache(maxsize=2)
-def _load_corpus(root: str) -> list[Passage]:
+def _load_corpus(root: str) -> Corpus:
     path = Path(root) / "corpus.jsonl.gz"
     if not path.exists():
         raise DataError(f"{path}: missing; build nq-mini with `rag-lab build-data`")
-    return load_corpus_file(path)
+    return file_corpus(path)  # converted to Arrow once (cache/corpus), then memory-mapped

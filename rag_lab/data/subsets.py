@@ -6,6 +6,7 @@ from typing import Sequence
 
 from rag_lab.data.chunking import window_passages
 from rag_lab.data import load_corpus
+from rag_lab.data.corpus import Corpus
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.metrics import AnswerInPassage
 
@@ -28,12 +29,12 @@ def subset_questions(questions: Sequence[QAExample], n: int | None, seed: int = 
     return [q for i, q in enumerate(questions) if i in keep]
 
 
-def corpus_for(data_cfg, questions: Sequence[QAExample]) -> list[Passage]:
+def corpus_for(data_cfg, questions: Sequence[QAExample]) -> Corpus:
     """The passages an experiment reads: `data.corpus`, split into sentence windows when
     `data.window_words` is set, then cut to `data.n_corpus` (keeping answers to `questions`)."""
     passages = load_corpus(data_cfg.corpus)
-    if data_cfg.window_words:
-        passages = window_passages(passages, data_cfg.window_words)
+    if data_cfg.window_words:  # an in-memory corpus of windows: meant for small corpora (nq-mini: 12k passages)
+        passages = Corpus.from_passages(window_passages(passages, data_cfg.window_words), f"{data_cfg.corpus} windows")
     return subset_corpus(passages, questions, data_cfg.n_corpus, data_cfg.subset_seed)
 
 
@@ -43,15 +44,15 @@ def corpus_label(data_cfg) -> str:
     return " ".join(parts + ([f"n_corpus={data_cfg.n_corpus}"] if data_cfg.n_corpus else []))
 
 
-def subset_corpus(passages: Sequence[Passage], questions: Sequence[QAExample], n: int | None, seed: int = 0) -> list[Passage]:
+def subset_corpus(passages: Corpus, questions: Sequence[QAExample], n: int | None, seed: int = 0) -> Corpus:
     """n passages: up to half of them ones that hold an answer to `questions` (so a small profile
     still has something to find), the rest a seeded random sample; original order kept."""
     if n is None or n >= len(passages):
-        return list(passages)
+        return passages
     holds = AnswerInPassage()
     with_answer = [i for i, p in enumerate(passages) if any(holds(q.answers, p) for q in questions)]
     rng = random.Random(seed)
     chosen = set(rng.sample(with_answer, min(len(with_answer), n // 2)))
     rest = [i for i in range(len(passages)) if i not in chosen]
     chosen |= set(rng.sample(rest, n - len(chosen)))
-    return [p for i, p in enumerate(passages) if i in chosen]
+    return passages.select(sorted(chosen))

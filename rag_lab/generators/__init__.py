@@ -23,6 +23,7 @@ from rag_lab.generators.fusion import FiDGenerator, RagSequenceGenerator, RagTok
 from rag_lab.generators.hf import DecoderGenerator, HFGenerator, Seq2SeqGenerator, length_sorted_batches
 from rag_lab.generators.postprocess import clean_answer
 from rag_lab.generators.prompts import Prompt, PromptBuilder, sample_demonstrations
+from rag_lab.generators.vllm_engine import VLLMGenerator, load_vllm_engine
 
 
 def prompt_builder(cfg, tokenizer, demonstrations: Sequence[QAExample] = ()) -> PromptBuilder:
@@ -60,6 +61,10 @@ def build_generator(cfg, train: Sequence[QAExample] = (), seed: int = 0, model_p
         path = models.resolve_model(name)
         model, extra["compute_type"] = load_ct2_generator(path, cfg.ct2_compute_type)  # converted once and cached
         tokenizer, cls = models.load_tokenizer(str(path), padding_side="left"), CT2DecoderGenerator
+    elif cfg.backend == "vllm":
+        path = models.resolve_model(name)
+        model = load_vllm_engine(path, cfg.vllm_tensor_parallel, cfg.vllm_dtype, seed)
+        tokenizer, cls = models.load_tokenizer(str(path), padding_side="left"), VLLMGenerator
     else:
         model, tokenizer = load(name)
     builder = prompt_builder(cfg, tokenizer, sample_demonstrations(train, cfg.n_few_shot, seed))
@@ -69,4 +74,4 @@ def build_generator(cfg, train: Sequence[QAExample] = (), seed: int = 0, model_p
 
 __all__ = ["CT2DecoderGenerator", "DecoderGenerator", "ExtractiveReader", "FiDGenerator", "RagSequenceGenerator", "RagTokenGenerator",
            "Seq2SeqGenerator", "answer_logprobs", "marginal_logprob", "HFGenerator", "Prompt", "PromptBuilder", "build_generator", "prompt_builder",
-           "clean_answer", "length_sorted_batches", "sample_demonstrations"]
+           "clean_answer", "length_sorted_batches", "sample_demonstrations", "VLLMGenerator", "load_vllm_engine"]

@@ -128,17 +128,7 @@ class CT2DecoderGenerator(HFGenerator):
             sampling_topk=1, beam_size=1, include_prompt_in_result=False)
         outs = [r.sequences_ids[0] for r in results]
         self.stats["new_tokens"] += sum(map(len, outs))
-        return [self._first_line(o) for o in outs]
-
-    def _first_line(self, new_ids: list[int]) -> str:
-        """The text up to the token that completes the first line: what the transformers backend
-        returns, since its stopping criterion checks the decoded continuation after every token."""
-        if self.stop_at_newline:
-            for t in range(1, len(new_ids)):
-                text = self.tokenizer.decode(new_ids[:t], skip_special_tokens=True)
-                if "\n" in text.lstrip("\n"):
-                    return text
-        return self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        return [self.first_line(o) for o in outs]
 
 
 def load_ct2_generator(model_dir: Path, compute_type: str = "auto", device: str | None = None):

@@ -70,6 +70,17 @@ class HFGenerator:
         new_tokens = out[:, prompt_length:] if self.is_decoder_only else out
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
+    def first_line(self, new_ids: Sequence[int]) -> str:
+        """The text up to the token that completes the first line: what `generate_batch` returns, since
+        its stopping criterion checks the decoded continuation after every token (engines that decode
+        on their own, CTranslate2 and vLLM, cut their output with it)."""
+        if self.stop_at_newline:
+            for t in range(1, len(new_ids)):
+                text = self.tokenizer.decode(new_ids[:t], skip_special_tokens=True)
+                if "\n" in text.lstrip("\n"):
+                    return text
+        return self.tokenizer.decode(new_ids, skip_special_tokens=True)
+
     def predictions(self, examples: Sequence[QAExample], prompts: Sequence[Prompt], raws: Sequence[str]) -> list[dict]:
         return [{"id": e.id, "raw": raw, "prediction": clean_answer(raw, self.strip_prefixes),
                  "prompt_tokens": p.n_tokens, "truncated": p.truncated, "n_passages": p.n_passages}

@@ -1,13 +1,12 @@
 """The retriever interface: `retrieve(questions, k) -> list[list[Hit]]`, plus shared helpers."""
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
 
+from rag_lab.data.corpus import Corpus, as_corpus
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.io import DataError
 
@@ -20,7 +19,7 @@ class Hit:
 
 
 class Retriever(Protocol):
-    passages: list[Passage]
+    passages: Corpus
 
     def retrieve(self, questions: Sequence[QAExample], k: int) -> list[list[Hit]]: ...
 
@@ -29,12 +28,10 @@ class Retriever(Protocol):
         ...
 
 
-def corpus_fingerprint(passages: Sequence[Passage]) -> str:
-    """sha256 of every passage's [id, title, text] as a JSON line, hashed in one call. It runs on
-    every warm index load, so it uses json's C string escaper directly (same bytes as json.dumps)."""
-    q = json.encoder.encode_basestring  # ensure_ascii=False escaping, as json.dumps(..., ensure_ascii=False)
-    lines = "".join(f"[{q(p.id)}, {q(p.title)}, {q(p.text)}]\n" for p in passages)
-    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+def corpus_fingerprint(passages: Sequence[Passage] | Corpus) -> str:
+    """sha256 of every passage's [id, title, text] as a JSON line (`Corpus.fingerprint`: kept in a
+    converted corpus's manifest, so a warm load does not hash the corpus again)."""
+    return as_corpus(passages).fingerprint
 
 
 def check_k(k: int) -> int:
@@ -53,10 +50,10 @@ def check_questions(questions: Sequence[QAExample]) -> list[str]:
     return texts
 
 
-def hits_from_arrays(passages: Sequence[Passage], indices: np.ndarray, scores: np.ndarray) -> list[list[Hit]]:
-    """Turn (n_questions, k) index/score arrays into ranked Hit lists (negative indices skipped)."""
-    out = []
-    for row_idx, row_scores in zip(indices, scores):
-        hits = [Hit(passages[int(i)].id, float(s), r) for r, (i, s) in enumerate(zip(row_idx, row_scores), start=1) if i >= 0]
-        out.append(hits)
-    return out
+def hits_from_arrays(passages: Corpus, indices: np.ndarray, scores: np.ndarray) -> list[list[Hit]]:
+    """Turn (n_questions, k) row/score arrays into ranked Hit lists (negative rows skipped); the ids
+    are read from the corpus in one call."""
+    indices = np.asarray(indices)
+    ids = iter(passages.ids_at(indices[indices >= 0]))
+    return [[Hit(next(ids), float(s), r) for r, (i, s) in enumerate(zip(row_idx, row_scores), start=1) if i >= 0]
+            for row_idx, row_scores in zip(indices, scores)]

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from rag_lab.data.corpus import Corpus, as_corpus
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.io import stable_hash
 from rag_lab.metrics import AnswerInPassage
@@ -21,8 +22,8 @@ from rag_lab.retrievers.bm25 import BM25Retriever
 class OracleRetriever:
     """Answer-bearing passages ranked by BM25; a question with none gets no passage."""
 
-    def __init__(self, passages: Sequence[Passage], ranker: BM25Retriever):
-        self.passages, self.ranker = list(passages), ranker
+    def __init__(self, passages: Sequence[Passage] | Corpus, ranker: BM25Retriever):
+        self.passages, self.ranker = as_corpus(passages), ranker
         self._holds = AnswerInPassage()
 
     @property
@@ -43,5 +44,6 @@ class OracleRetriever:
                 continue
             scores = self.ranker.index.get_scores(query)[bearing] if query else np.zeros(len(bearing))
             order = np.lexsort((bearing, -scores))[:k]  # best score first, ties in corpus order
-            out.append([Hit(self.passages[bearing[j]].id, float(scores[j]), r) for r, j in enumerate(order, start=1)])
+            ids = self.passages.ids_at(bearing[order])
+            out.append([Hit(pid, float(scores[j]), r) for r, (pid, j) in enumerate(zip(ids, order), start=1)])
         return out
