@@ -49,6 +49,8 @@ def _run(args: argparse.Namespace) -> None:
     for path in args.experiments:
         cfg = load_experiment(path, profile=args.profile)
         result = run_experiment(cfg, profile=args.profile)
+        if result is None:  # a non-main process of a multi-process launch: the main one reports
+            continue
         m = result.metrics["all"]
         print(f"{cfg.name} [{args.profile}] n={m['n']}: EM {m['em']['mean']:.3f}  F1 {m['f1']['mean']:.3f}  "
               f"match {m['match']['mean']:.3f}  ({result.timings['wall_s']:.0f} s) -> {result.run_dir}")

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 import transformers
+from accelerate import PartialState
 
 from rag_lab.config import ConfigError, ExperimentConfig, RetrieverConfig, RetrieverTrainingConfig, from_dict, key_view
 from rag_lab.data import DATASETS, Corpus, load_qa
@@ -376,11 +377,14 @@ def versions() -> dict:
             "rag_lab_git_sha": sha + ("+dirty" if dirty else ""), "platform": platform.platform()}
 
 
-def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progress: bool = True, model_path: str | None = None) -> RunResult:
+def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progress: bool = True,
+                   model_path: str | None = None) -> RunResult | None:
     """Run (or reload from the stage caches) one experiment and record it in the main table.
 
     Fine-tuned regimes train one model per seed in `training.seeds` (or reuse finished ones);
     the row reports the first seed's predictions with bootstrap CIs, and mean ± sd over seeds.
+    Launched as several processes (`accelerate launch`, `torchrun`), every process trains and
+    only the main one evaluates and returns the result (the others return None).
     """
     t0 = time.perf_counter()
     for root in (profile_results_dir(profile), cache_dir("runs")):  # what killed runs left half-written
@@ -388,27 +392,33 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     timings, compute = {}, {}  # this run's seconds; the seconds each stage took when it was computed
     stages = REGIMES[cfg.regime]
     check_models(cfg, model_path)  # an unknown name fails now, not after minutes of retrieval
-    data = data_stage(cfg)
-    timings["data_s"] = time.perf_counter() - t0
-
-    t = time.perf_counter()
-    ctx = contexts_stage(cfg, data, show_progress, profile)
-    timings["retrieve_s"] = time.perf_counter() - t
+    # Under `accelerate launch` (several processes): rank 0 builds the corpus, index and retrieval
+    # caches first and the others load them; every rank trains (DDP); rank 0 alone evaluates and records.
+    state = PartialState()
+    with state.main_process_first():
+        data = data_stage(cfg)
+        timings["data_s"] = time.perf_counter() - t0
+        t = time.perf_counter()
+        ctx = contexts_stage(cfg, data, show_progress, profile)
+        timings["retrieve_s"] = time.perf_counter() - t
 
     seeds = cfg.training.seeds if stages.train else [cfg.seed]
-    per_seed, training, costs = [], {}, {}
+    per_seed, training, costs, finals = [], {}, {}, {}
+    for seed in seeds if stages.train else []:  # every seed's model first: all ranks take part in training
+        t = time.perf_counter()
+        final, info = train_stage(cfg, data, seed, show_progress, profile)
+        finals[seed] = final
+        timings[f"train_seed{seed}_s"] = time.perf_counter() - t
+        compute[f"train_seed{seed}_s"] = info.get("train_seconds")
+        training[seed] = {"model": str(final.relative_to(REPO_ROOT)) if final.is_relative_to(REPO_ROOT) else str(final),
+                          **{k: info.get(k) for k in ("n_train", "n_dev", "skipped_empty_answers", "train_loss", "global_step", "train_seconds", "train_tokens", "peak_rss_gb",
+                                                       "best_checkpoint", "log_history", "dev_history", "objective", "passage_entropy")
+                             if k in info}}
+    if not state.is_main_process:
+        return None  # another rank of a multi-process launch: rank 0 evaluates and writes the row
     for seed in seeds:
-        path = model_path or cfg.generator.model
-        if stages.train:
-            t = time.perf_counter()
-            final, info = train_stage(cfg, data, seed, show_progress, profile)
-            path = str(final)
-            timings[f"train_seed{seed}_s"] = time.perf_counter() - t
-            compute[f"train_seed{seed}_s"] = info.get("train_seconds")
-            training[seed] = {"model": str(final.relative_to(REPO_ROOT)) if final.is_relative_to(REPO_ROOT) else str(final),
-                              **{k: info.get(k) for k in ("n_train", "n_dev", "skipped_empty_answers", "train_loss", "global_step", "train_seconds", "train_tokens", "peak_rss_gb",
-                                                           "best_checkpoint", "log_history", "dev_history", "objective", "passage_entropy")
-                                 if k in info}}
+        path = str(finals[seed]) if stages.train else model_path or cfg.generator.model
+        final = finals.get(seed)
         seed_ctx = ctx
         if stages.trains_query_encoder:  # the eval questions retrieved again, with the query encoder this seed trained
             t = time.perf_counter()

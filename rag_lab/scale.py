@@ -51,6 +51,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None):
     with `num_cpus` workers. Already connected: nothing to do."""
     ray = require_ray()
     if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to Ray's servers unless the user opts in
         address = address or os.environ.get("RAY_ADDRESS")
         ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)

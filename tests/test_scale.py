@@ -237,3 +237,38 @@ def test_vllm_errors_are_clear(tiny_checkpoint, monkeypatch):
         _gen_config(tiny_checkpoint, backend="vllm", kind="seq2seq")
     with pytest.raises(ConfigError, match="vllm_tensor_parallel must be >= 1"):
         _gen_config(tiny_checkpoint, backend="vllm", vllm_tensor_parallel=0)
+
+
+# ---------------------------------------------------------------- accelerate: the runner launched as 2 processes
+
+@pytest.mark.slow
+def test_lora_rag_finetune_runs_under_accelerate_launch(tmp_path):
+    """`accelerate launch --config_file experiments/accelerate/cpu_2proc.yaml -m rag_lab.cli run X.yaml`: both
+    ranks train one DDP model (global batch 2 x 2), rank 0 alone evaluates and writes the one row."""
+    import json
+    import os
+
+    import pandas as pd
+
+    qa = [{"id": f"q{i}", "question": q.question, "answers": list(q.answers)} for i, q in enumerate(QUESTIONS)]
+    train = [{"id": f"t{i}", "question": f"which {w} is in the {v}", "answers": [w]} for i, (w, v) in
+             enumerate(zip(WORDS[:6], WORDS[6:12]))]
+    for name, rows in (("qa.jsonl", qa), ("train.jsonl", train), ("corpus.jsonl", [p.to_dict() for p in PASSAGES])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_tiny_causal_lm(tmp_path / "model")
+    (tmp_path / "lora.yaml").write_text(
+        f"name: rag_lora_tiny\nregime: rag_ft\nretriever: {{kind: bm25, k: 2}}\n"
+        f"data: {{dataset: {tmp_path}/qa.jsonl, train_split: {tmp_path}/train.jsonl, corpus: {tmp_path}/corpus.jsonl}}\n"
+        f"generator: {{model: {tmp_path}/model, batch_size: 2, max_new_tokens: 3, use_chat_template: false}}\n"
+        "training: {enabled: true, method: lora, lora_targets: [q_proj, v_proj], epochs: 2, batch_size: 2, eval_steps: 1, "
+        "dev_size: 2, learning_rate: 0.01, group_by_length: false}\n")
+    env = {**os.environ, "RAG_LAB_RESULTS_DIR": str(tmp_path / "results"), "RAG_LAB_CACHE": str(tmp_path / "cache")}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "experiments" / "accelerate" / "cpu_2proc.yaml"), "-m", "rag_lab.cli", "run", str(tmp_path / "lora.yaml")]
+    proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("rag_lora_tiny [default] n=3") == 1  # one report: rank 0's
+    (run_dir,) = (tmp_path / "results" / "runs" / "rag_lora_tiny").iterdir()
+    training = json.loads((run_dir / "training.json").read_text())["0"]
+    assert training["n_train"] == 4 and training["global_step"] == 2  # 4 examples / (2 ranks x 2) x 2 epochs
+    assert pd.read_csv(tmp_path / "results" / "main_table.csv")["experiment"].tolist() == ["rag_lora_tiny"]

@@ -229,10 +229,11 @@ def test_padding_fraction_is_lower_with_length_grouping():
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    """torchrun --nproc_per_node 2 (DDP over gloo on the CPU): both ranks end identical, and equal to
-    one process with the same global batch (2 x 2 = 4)."""
-    script = str(__import__("pathlib").Path(__file__).parent / "ddp_train.py")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    """`accelerate launch` with the repo's 2-process CPU config (DDP over gloo): both ranks end identical,
+    and equal to one process with the same global batch (2 x 2 = 4)."""
+    here = __import__("pathlib").Path(__file__).parent
+    script, config = str(here / "ddp_train.py"), str(here.parent / "experiments" / "accelerate" / "cpu_2proc.yaml")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config]
     subprocess.run(launch + [script, str(tmp_path / "two"), "2"], check=True, timeout=600)
     subprocess.run([sys.executable, script, str(tmp_path / "one"), "4"], check=True, timeout=600)
     r0, r1 = load_file(str(tmp_path / "two" / "rank0.safetensors")), load_file(str(tmp_path / "two" / "rank1.safetensors"))

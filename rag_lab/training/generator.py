@@ -34,6 +34,7 @@ from typing import Generic, Sequence, TypeVar
 
 import safetensors.torch
 import torch
+from accelerate import PartialState
 from peft import LoraConfig, get_peft_model
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -433,5 +434,8 @@ def train_generator(examples: Split[QAExample], contexts: Split[list[Passage]] |
             "best_checkpoint": report["best_checkpoint"], "log_history": report["log_history"],
             "dev_history": report["dev_history"]}
     info = json.loads(json.dumps(info, default=str))
-    save_model(report["model"], tokenizer, output_dir / FINAL, info)
+    state = PartialState()
+    if state.is_main_process:  # one writer under DDP; the other ranks wait until the folder is there
+        save_model(report["model"], tokenizer, output_dir / FINAL, info)
+    state.wait_for_everyone()
     return info
