@@ -257,6 +257,41 @@ def fit(sizes, values) -> dict:
     return {"exponent": float(slope), "at_21M": float(math.exp(icept + slope * math.log(21_000_000)))}
 
 
+# Stated assumptions for the machines not measured here (no GPU was lent for this benchmark):
+GPU = {"name": "H100 80GB", "bf16_peak_flops": 989e12, "mfu": 0.30}  # encoder FLOP/s = peak x an assumed utilisation
+ENCODER = {"name": "e5-base-v2", "params": 110e6, "tokens_per_passage": 140}  # 2 N FLOP per token (forward)
+NODE_CPUS = 64  # cores of an 8-GPU node, for the stages FAISS parallelises (IVF training / adding)
+TARGET = 21_000_000
+
+
+def extrapolate(results: dict) -> dict:
+    """Each stage's time at 21M passages on (a) this machine (from the per-size measurements, along
+    the fitted growth), (b) one 8-GPU node and (c) 4 such nodes, under the stated assumptions."""
+    growth, stages = results.get("growth", {}), results["stages"]
+    here = {k: g["seconds"].get("at_21M") for k, g in growth.items() if not k.startswith("old_") and g.get("seconds")}
+    enc = [s for r in stages.get("encode", {}).values() if "shards" in r for s in r["shards"]]
+    rate = sum(s["rows"] for s in enc) / sum(s["seconds"] for s in enc) if enc else None  # passages/s per process here
+    if rate:
+        here["encode"] = TARGET / rate  # linear in the passages: shards are independent
+    gpu_rate = GPU["bf16_peak_flops"] * GPU["mfu"] / (2 * ENCODER["params"] * ENCODER["tokens_per_passage"])
+    node, cluster = {}, {}
+    for k, t in here.items():
+        if t is None:
+            continue
+        if k == "encode":
+            node[k], cluster[k] = TARGET / (8 * gpu_rate), TARGET / (32 * gpu_rate)
+        elif k.startswith("ivfpq_build"):
+            node[k] = cluster[k] = t * (results["machine"]["cpus"] / NODE_CPUS)  # FAISS's OpenMP over the node's cores
+        else:  # Arrow conversion, BM25 (one process, chunked), searches: as measured here (they do not spread)
+            node[k] = cluster[k] = t
+    return {"target_passages": TARGET, "this_machine_s": here, "one_8gpu_node_s": node, "four_8gpu_nodes_s": cluster,
+            "encode_rate_here_passages_per_s": rate, "assumed_gpu_encode_rate_passages_per_s": gpu_rate,
+            "assumptions": {"gpu": GPU, "encoder": ENCODER, "node_cpus": NODE_CPUS,
+                            "note": "GPU and node figures are not measured: encoding at an assumed fraction of the GPU's "
+                                    "bf16 peak for a base-size encoder; FAISS building scaled by cores; the one-process "
+                                    "stages (Arrow conversion, BM25) as measured on this machine's cores"}}
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -292,6 +327,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT / "scale.json")
     ap.add_argument("--timeout", type=int, default=4 * 3600)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic corpora and caches")
+    ap.add_argument("--report", action="store_true", help="only recompute growth, extrapolation and the plot from --out")
+    ap.add_argument("--stages", nargs="*", help="run only these stages (default: all)")
+    ap.add_argument("--redo", action="store_true", help="measure again the stages --out already holds")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -300,6 +338,10 @@ def main() -> None:
         return
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.report:
+        results = json.loads(args.out.read_text())
+        finish(results, args.out)
+        return
     args.workdir.mkdir(parents=True, exist_ok=True)
     tiny_encoder(args.workdir / "tiny-encoder")
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -311,10 +353,12 @@ def main() -> None:
     ours = ["baseline", "arrow", "bm25_build", "bm25_search", "encode", "ivfpq_build", "ivfpq_search"]
     for n in sorted(set(args.sizes) | set(args.old_sizes)):
         source = args.workdir / f"corpus-{n}.jsonl"
-        if not source.exists():
+        if not source.exists() and not (args.stages and all(s == "baseline" for s in args.stages)):
             results["corpora"][str(n)] = make_corpus(n, source)
             print(f"corpus {n:,}: {results['corpora'][str(n)]}", flush=True)
         names = (ours if n in args.sizes else []) + (["old_corpus", "old_bm25", "old_dense"] if n in args.old_sizes else [])
+        names = [s for s in names if (not args.stages or s in args.stages)
+                 and (args.redo or "error" in results["stages"].get(s, {}).get(str(n), {"error": "none yet"}))]
         for name in names:
             r = run_stage(name, n, args.workdir, args.timeout)
             results["stages"].setdefault(name, {})[str(n)] = r
@@ -325,11 +369,23 @@ def main() -> None:
             shutil.rmtree(args.workdir / f"cache-{n}", ignore_errors=True)
             source.unlink(missing_ok=True)
         gc.collect()
+    finish(results, args.out)
+
+
+def finish(results: dict, out: Path) -> None:
     results["growth"] = {k: {f: fit(*zip(*[(int(n), r[f]) for n, r in v.items() if "error" not in r])) for f in ("seconds", "peak_rss_gb")}
                          for k, v in results["stages"].items() if sum("error" not in r for r in v.values()) >= 2}
-    _write(results, args.out)
-    plot(results, args.out.with_suffix(".png"))
-    print(json.dumps(results["growth"], indent=1))
+    base = results["stages"].get("baseline", {})
+    floor = min((r["peak_rss_gb"] for r in base.values() if "error" not in r), default=None)
+    if floor is not None:  # growth of what a stage holds above the interpreter + imports
+        results["growth_above_baseline"] = {
+            k: fit(*zip(*[(int(n), max(r["peak_rss_gb"] - floor, 1e-3)) for n, r in v.items() if "error" not in r]))
+            for k, v in results["stages"].items() if k != "baseline" and sum("error" not in r for r in v.values()) >= 2}
+        results["baseline_rss_gb"] = floor
+    results["extrapolation"] = extrapolate(results)
+    _write(results, out)
+    plot(results, out.with_suffix(".png"))
+    print(json.dumps({k: results[k] for k in ("growth", "extrapolation")}, indent=1))
 
 
 def _write(results: dict, path: Path) -> None:

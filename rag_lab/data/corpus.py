@@ -48,6 +48,7 @@ class Corpus(Sequence[Passage]):
         self.source = source
         self.folder = folder  # the converted folder when memory-mapped from disk (another process can open it)
         self._fingerprint = fingerprint
+        self._ids: pa.Array | None = None
 
     # ---- construction
     @classmethod
@@ -111,7 +112,9 @@ class Corpus(Sequence[Passage]):
 
     def rows_of(self, ids: Sequence[str]) -> np.ndarray:
         """Row numbers of passage ids (a hash lookup in Arrow; an unknown id is an error)."""
-        rows = pc.index_in(pa.array(list(ids), type=pa.string()), value_set=self.table.column("id").combine_chunks())
+        if self._ids is None:  # one contiguous id array, kept: lookups repeat (every question set)
+            self._ids = self.table.column("id").combine_chunks()
+        rows = pc.index_in(pa.array(list(ids), type=pa.string()), value_set=self._ids)
         if rows.null_count:
             missing = [i for i, r in zip(ids, rows.to_pylist()) if r is None]
             raise DataError(f"passage id(s) not in the corpus ({self.source}): {', '.join(map(repr, missing[:5]))}")

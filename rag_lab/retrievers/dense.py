@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rag_lab.data.corpus import Corpus, as_corpus
-from rag_lab.data.records import Passage, QAExample
+from rag_lab.data.records import Passage, QAExample, passage_text
 from rag_lab.io import atomic_dir, stable_hash, verified_folder, write_manifest
 from rag_lab.models import load_sentence_encoder, model_fingerprint, resolve_model
 from rag_lab.retrievers.base import Hit, check_k, check_questions, hits_from_arrays
@@ -223,18 +223,20 @@ class DenseRetriever:
         parts = self.store.arrays()
         return parts[0] if len(parts) == 1 else ShardedEmbeddings(parts)
 
-    def _encoding_flops(self, ranges) -> float | None:
-        """2 N per token over the tokens the encoder saw (truncated at max_length; padding not counted)."""
+    def _encoding_flops(self, ranges, sample: int = 20_000) -> float | None:
+        """2 N per token over the tokens the encoder saw (truncated at max_length; padding not counted):
+        counted exactly up to `sample` passages, estimated from `sample` evenly spaced ones beyond (a
+        second tokenisation of a 21M-passage corpus would cost as much as the encoder's own)."""
         try:
             tokenizer, net = self.model.tokenizer, self.model[0].auto_model
         except (AttributeError, IndexError, TypeError):  # an encoder that is not a transformers module
             return None
-        tokens = 0
-        for start, stop in ranges:
-            for a in range(start, stop, self.store.chunk):
-                texts = self.passages.texts(a, min(a + self.store.chunk, stop), self.params["passage_prefix"])
-                tokens += sum(map(len, tokenizer(texts, truncation=True, max_length=self.params["max_length"])["input_ids"]))
-        return encoder_flops(count_params(net), tokens)
+        rows = np.concatenate([np.arange(a, b) for a, b in ranges])
+        picked = rows if len(rows) <= sample else rows[np.linspace(0, len(rows) - 1, sample).astype(np.int64)]
+        prefix = self.params["passage_prefix"]
+        texts = [prefix + passage_text(p) for p in self.passages.take(picked)]
+        tokens = sum(map(len, tokenizer(texts, truncation=True, max_length=self.params["max_length"])["input_ids"]))
+        return encoder_flops(count_params(net), tokens * len(rows) / len(picked))
 
     def _load_or_build_index(self) -> faiss.Index:
         folder = self.cache_dir / f"faiss-{stable_hash([self._embedding_key(), self.index_factory])[:16]}"
