@@ -29,6 +29,7 @@ from rag_lab.retrievers.base import Hit, check_k, check_questions, hits_from_arr
 from rag_lab.retrievers.cache import retriever_cache_dir
 
 CHUNK_ROWS = 100_000  # passages tokenised at a time while building
+MAP_BYTES = 1 << 30  # the score matrix is filled in passes over its columns, each mapping at most this much
 
 
 class BM25Retriever:
@@ -80,13 +81,14 @@ class BM25Retriever:
 
 
 def build_bm25_index(corpus: Corpus, folder: Path, tokenize, k1: float, b: float, chunk_rows: int = CHUNK_ROWS,
-                     show_progress: bool = True) -> None:
+                     show_progress: bool = True, map_bytes: int = MAP_BYTES) -> None:
     """Write bm25s's index files (Lucene BM25, float32 scores) for `corpus` into `folder` in bounded memory.
 
     Pass 1 tokenises `chunk_rows` passages at a time and spills each chunk's sorted (passage, token)
     pairs with their term frequency to a scratch folder, counting document frequencies and lengths.
     Pass 2 computes each pair's score exactly as `bm25s` does (float64, stored as float32) and
-    scatters it into its token's column of memory-mapped CSC arrays. Same arrays as
+    scatters it into its token's column of memory-mapped CSC arrays, in passes over column ranges of
+    at most `map_bytes` of output (so the mapped pages stay bounded too). Same arrays as
     `bm25s.BM25.index` up to the order of the vocabulary's columns."""
     folder.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".bm25-chunks-", dir=folder.parent))
@@ -119,23 +121,32 @@ def build_bm25_index(corpus: Corpus, folder: Path, tokenize, k1: float, b: float
         # bm25s's Lucene idf, computed as it does (math.log in float64, stored as float32)
         idf = np.array([math.log(1 + (n_docs - d + 0.5) / (d + 0.5)) if d else 0.0 for d in df.tolist()], dtype=np.float32)
         indptr = np.concatenate([[0], np.cumsum(df)]).astype(np.int64)  # the dtypes bm25s writes
-        data = np.lib.format.open_memmap(folder / "data.csc.index.npy", "w+", np.float32, (nnz,))
-        indices = np.lib.format.open_memmap(folder / "indices.csc.index.npy", "w+", np.int32 if n_docs < 2**31 else np.int64, (nnz,))
+        index_dtype = np.int32 if n_docs < 2**31 else np.int64
+        np.lib.format.open_memmap(folder / "data.csc.index.npy", "w+", np.float32, (nnz,)).flush()
+        np.lib.format.open_memmap(folder / "indices.csc.index.npy", "w+", index_dtype, (nnz,)).flush()
         cursor = indptr[:-1].astype(np.int64)
-        for c, start in tqdm(chunks, desc="BM25 scores", disable=not show_progress, mininterval=2):
-            doc, tok, tf = (np.load(scratch / f"{c}-{name}.npy") for name in ("doc", "tok", "tf"))
-            lengths = np.load(scratch / f"{c}-len.npy")
-            l_d = lengths[doc - start]
-            tfc = tf / (k1 * ((1 - b) + b * l_d / avg_len) + tf)  # bm25s._score_tfc_robertson, float64
-            scores = (idf[tok] * tfc).astype(np.float32)
-            order = np.argsort(tok, kind="stable")  # column by column, passages ascending within a column
-            tok_sorted = tok[order]
-            uniq, first, counts = np.unique(tok_sorted, return_index=True, return_counts=True)
-            pos = cursor[tok_sorted] + (np.arange(len(order)) - np.repeat(first, counts))
-            data[pos], indices[pos] = scores[order], doc[order]
-            cursor[uniq] += counts
-        data.flush(), indices.flush()
-        del data, indices
+        # The columns in passes of at most `map_bytes` of output each: every chunk scatters over all the
+        # columns, so one pass would keep every page of both arrays mapped (resident) at once.
+        n_pass = max(1, -(-nnz * 8 // map_bytes))
+        cuts = np.searchsorted(indptr, np.linspace(0, nnz, n_pass + 1)[1:-1]).tolist()
+        for lo, hi in zip([0] + cuts, cuts + [n_vocab]):
+            data = np.load(folder / "data.csc.index.npy", mmap_mode="r+")
+            indices = np.load(folder / "indices.csc.index.npy", mmap_mode="r+")
+            for c, start in tqdm(chunks, desc=f"BM25 scores, columns {lo}-{hi}", disable=not show_progress, mininterval=2):
+                doc, tok, tf = (np.load(scratch / f"{c}-{name}.npy") for name in ("doc", "tok", "tf"))
+                keep = (tok >= lo) & (tok < hi)
+                doc, tok, tf = doc[keep], tok[keep], tf[keep]
+                l_d = np.load(scratch / f"{c}-len.npy")[doc - start]
+                tfc = tf / (k1 * ((1 - b) + b * l_d / avg_len) + tf)  # bm25s._score_tfc_robertson, float64
+                scores = (idf[tok] * tfc).astype(np.float32)
+                order = np.argsort(tok, kind="stable")  # column by column, passages ascending within a column
+                tok_sorted = tok[order]
+                uniq, first, counts = np.unique(tok_sorted, return_index=True, return_counts=True)
+                pos = cursor[tok_sorted] + (np.arange(len(order)) - np.repeat(first, counts))
+                data[pos], indices[pos] = scores[order], doc[order]
+                cursor[uniq] += counts
+            data.flush(), indices.flush()
+            del data, indices  # unmapped: the pages written in this pass leave the process
         np.save(folder / "indptr.csc.index.npy", indptr)
         vocab[""] = n_vocab  # bm25s's empty token: scores a query with no known token as 0 everywhere
         (folder / "vocab.index.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
