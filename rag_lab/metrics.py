@@ -159,7 +159,11 @@ class AnswerInPassage:
         return self._normalized[key]
 
     def __call__(self, answers: Sequence[str], p: Passage) -> bool:
-        return has_answer_normalized(self.golds(answers), self.normalized(p))
+        return self.in_normalized(answers, self.normalized(p))
+
+    def in_normalized(self, answers: Sequence[str], text: str) -> bool:
+        """The test against a passage already normalised by `normalized` (callers that keep the texts)."""
+        return has_answer_normalized(self.golds(answers), text)
 
     def any(self, answers: Sequence[str], passages: Sequence[Passage]) -> bool:
         return any(self(answers, p) for p in passages)

@@ -54,7 +54,7 @@ class EmbeddingStore:
     def shard_folder(self, start: int, stop: int) -> Path:
         return self.folder / f"rows-{start:011d}-{stop:011d}"
 
-    def _walk(self) -> tuple[list[tuple[int, int, Path]], list[tuple[int, int]]]:
+    def walk(self) -> tuple[list[tuple[int, int, Path]], list[tuple[int, int]]]:
         """(complete shards in row order, uncovered row ranges): a damaged shard is deleted on the way."""
         found: dict[int, list[tuple[int, Path]]] = {}
         for d in sorted(self.folder.glob("rows-*")) if self.folder.is_dir() else []:
@@ -78,11 +78,11 @@ class EmbeddingStore:
 
     def shards(self) -> list[tuple[int, int, Path]]:
         """Complete shards in row order (they tile [0, n) once `missing()` is empty)."""
-        return self._walk()[0]
+        return self.walk()[0]
 
     def missing(self) -> list[tuple[int, int]]:
         """Row ranges no complete shard covers yet."""
-        return self._walk()[1]
+        return self.walk()[1]
 
     def write_shard(self, start: int, stop: int, encode: Callable[[int, int], np.ndarray], dtype,
                     show_progress: bool = False) -> Path:
@@ -104,9 +104,6 @@ class EmbeddingStore:
             del out
             write_manifest(tmp)
         return target
-
-    def arrays(self) -> list[np.ndarray]:
-        return [np.load(d / "emb.npy", mmap_mode="r") for _, _, d in self.shards()]
 
 
 class ShardedEmbeddings:
@@ -210,7 +207,7 @@ class DenseRetriever:
         return self.store.write_shard(start, stop, self._encode_rows, self.dtype, self.show_progress)
 
     def _load_or_encode(self) -> np.ndarray | ShardedEmbeddings:
-        missing = self.store.missing()  # checksum-verified shards; a damaged one is reported, deleted and re-encoded
+        shards, missing = self.store.walk()  # checksum-verified shards; a damaged one is reported, deleted and re-encoded
         if not missing:
             self.cache_hit["embeddings"] = True
         else:
@@ -220,7 +217,8 @@ class DenseRetriever:
             n = sum(b - a for a, b in missing)
             self.build = {"kind": f"dense {Path(self.encoder_name).name}", "seconds": time.perf_counter() - t0,
                           "flops": self._encoding_flops(missing), "note": f"{n} passages encoded"}
-        parts = self.store.arrays()
+            shards = self.store.shards()
+        parts = [np.load(d / "emb.npy", mmap_mode="r") for _, _, d in shards]
         return parts[0] if len(parts) == 1 else ShardedEmbeddings(parts)
 
     def _encoding_flops(self, ranges, sample: int = 20_000) -> float | None:

@@ -25,6 +25,7 @@ class OracleRetriever:
     def __init__(self, passages: Sequence[Passage] | Corpus, ranker: BM25Retriever):
         self.passages, self.ranker = as_corpus(passages), ranker
         self._holds = AnswerInPassage()
+        self._texts: list[str] | None = None
 
     @property
     def parts(self) -> tuple:
@@ -36,9 +37,11 @@ class OracleRetriever:
     def retrieve(self, questions: Sequence[QAExample], k: int) -> list[list[Hit]]:
         k = check_k(k)
         tokens = self.ranker.tokenize(check_questions(questions))
+        if self._texts is None:  # every passage normalised once, in one pass over the corpus
+            self._texts = [self._holds.normalized(p) for p in self.passages]
         out = []
         for q, query in zip(questions, tokens):
-            bearing = np.array([i for i, p in enumerate(self.passages) if self._holds(q.answers, p)], dtype=np.int64)
+            bearing = np.array([i for i, t in enumerate(self._texts) if self._holds.in_normalized(q.answers, t)], dtype=np.int64)
             if not len(bearing):
                 out.append([])
                 continue
