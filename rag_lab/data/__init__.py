@@ -45,7 +45,7 @@ DATASETS: dict[str, Dataset | ModuleType] = {
     # the full NQ-open (train 87,925 / dev 3,610) for users with network
     "nq-open": _HubQA("google-research-datasets/nq_open", {"train": "train", "eval": "validation"}),
 }
-CORPORA: dict[str, ModuleType] = {"nq-mini": nq_mini}
+CORPORA: dict[str, ModuleType] = {"nq-mini": nq_mini, "nq-mini-vital": nq_mini.vital}
 
 
 def _hub_id(name: str) -> tuple[str, str | None] | None:

@@ -21,11 +21,16 @@ class QAExample:
     answers: tuple[str, ...]
     # True/False when known (nq-mini marks it); None for datasets that don't say.
     answer_in_corpus: bool | None = None
+    # The id of the passage a human annotator marked as holding the answer (NQ's long answer), when the
+    # dataset has one: what the gold-passage oracle reads. None: no annotated passage (or not annotated).
+    gold_passage_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         row = {"id": self.id, "question": self.question, "answers": list(self.answers)}
         if self.answer_in_corpus is not None:
             row["answer_in_corpus"] = self.answer_in_corpus
+        if self.gold_passage_id is not None:
+            row["gold_passage_id"] = self.gold_passage_id
         return row
 
 
@@ -64,11 +69,15 @@ def qa_from_row(row: dict[str, Any], where: str, default_id: str) -> QAExample:
     in_corpus = _null_to_none(row.get("answer_in_corpus"))
     if in_corpus is not None and not isinstance(in_corpus, (bool, np.bool_)):
         raise DataError(f"{where}: 'answer_in_corpus' must be true, false or null, got {in_corpus!r}")
+    gold = _null_to_none(row.get("gold_passage_id"))
+    if gold is not None and (not isinstance(gold, str) or not gold.strip()):
+        raise DataError(f"{where}: 'gold_passage_id' must be a passage id (a non-empty string) or null, got {gold!r}")
     return QAExample(
         id=_row_id(row, where, default_id),
         question=question.strip(),
         answers=tuple(answers),
         answer_in_corpus=None if in_corpus is None else bool(in_corpus),
+        gold_passage_id=gold,
     )
 
 

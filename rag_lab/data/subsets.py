@@ -18,6 +18,7 @@ def eval_set_name(data_cfg, n: int) -> str:
     picked a subset (`n_eval` set)."""
     subset = f" seed={data_cfg.subset_seed}" if data_cfg.n_eval else ""
     lens = " answer-in-corpus" if getattr(data_cfg, "only_answer_in_corpus", False) else ""
+    lens += " gold-passage" if getattr(data_cfg, "only_gold_passage", False) else ""
     return f"{data_cfg.dataset}/{data_cfg.eval_split} n={n}{subset}{lens}"
 
 
