@@ -68,6 +68,8 @@ class DataConfig:
     window_words: int | None = _help("split every passage into sentence windows of at most this many words (None: the "
                                      "corpus's passages as they are)", None)
     only_answer_in_corpus: bool = _help("evaluate only the questions whose gold answer occurs in the corpus (after n_eval)", False)
+    only_gold_passage: bool = _help("evaluate only the questions with an annotated gold passage (after n_eval): the "
+                                    "gold-passage oracle's lens", False, late=True)
 
     def __post_init__(self):
         for key in ("n_eval", "n_train", "n_corpus", "window_words"):
@@ -78,8 +80,9 @@ class DataConfig:
 
 @dataclass
 class RetrieverConfig:
-    kind: Literal["none", "bm25", "dense", "hybrid", "oracle"] = _help(
-        "retriever; none = closed-book; oracle = passages holding a gold answer (regime oracle only: an upper bound)", "none")
+    kind: Literal["none", "bm25", "dense", "hybrid", "oracle", "gold"] = _help(
+        "retriever; none = closed-book; gold = the NQ-annotated gold passage (questions' gold_passage_id), oracle = "
+        "passages holding a gold answer string (both regime oracle only: upper bounds, not systems)", "none")
     k: int = _help("passages handed to the reader", 5)
     # BM25 (bm25s)
     k1: float = _help("BM25 term-frequency saturation", 1.5)
@@ -94,6 +97,10 @@ class RetrieverConfig:
     index_factory: str = _help("FAISS index_factory string (Flat, HNSW32, IVF1024,PQ64, ...)", "Flat")
     search_params: str = _help("FAISS ParameterSpace string applied at search (e.g. 'efSearch=128', 'nprobe=16')", "")
     encode_batch_size: int = _help("passages per encoder batch", 64)
+    encoder_backend: Literal["sentence-transformers", "ctranslate2"] = _help(
+        "engine that encodes passages and questions: sentence-transformers (float32, the exact model) or ctranslate2 "
+        "(int8 on CPU: faster corpus encoding, embeddings within ~0.003 cosine of float32; benchmarks/README.md)",
+        "sentence-transformers", late=True)
     embedding_dtype: Literal["float32", "float16"] = _help(
         "dtype of the stored corpus embeddings (float16 halves the disk and memory of a large corpus; the index is "
         "built and searched in float32)", "float32", late=True)
@@ -230,6 +237,9 @@ class TrainingConfig:
             raise ConfigError("training.dev_size must be >= 0 and training.eval_steps > 0")
 
 
+ORACLE_RETRIEVERS = ("gold", "oracle")  # they read the answers or the annotation: regime oracle only
+
+
 @dataclass
 class ExperimentConfig:
     name: str = _help("experiment name (the results-table key)", "unnamed")
@@ -258,9 +268,9 @@ class ExperimentConfig:
             raise ConfigError("regime rag_e2e_ft trains a generative reader: generator.kind decoder or seq2seq")
         if self.retriever.query_encoder and self.retriever.kind != "dense":
             raise ConfigError("retriever.query_encoder is a dense retriever's setting: set retriever.kind: dense")
-        if (self.regime == "oracle") != (self.retriever.kind == "oracle"):
-            raise ConfigError("the oracle retriever reads the gold answers: retriever.kind: oracle goes with regime: oracle, "
-                              "and regime oracle needs it")
+        if (self.regime == "oracle") != (self.retriever.kind in ORACLE_RETRIEVERS):
+            raise ConfigError("the oracle retrievers read the gold annotation: retriever.kind: gold or oracle goes with "
+                              "regime: oracle, and regime oracle needs one of them")
         if uses_retrieval and self.retriever.kind == "none":
             raise ConfigError(f"regime '{self.regime}' needs a retriever: set retriever.kind (bm25, dense, hybrid)")
         if not uses_retrieval and self.retriever.kind != "none":

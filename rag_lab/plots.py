@@ -120,16 +120,18 @@ def learning_curves(training: dict, title: str = ""):
 
 
 def recall_vs_em(table, metric: str = "em", title: str = ""):
-    """Answer recall@k of the passages a reader saw against its score, one point per RAG row (95% CIs both ways)."""
-    rag = table[table["recall@k"].notna()] if "recall@k" in table else table.iloc[0:0]
+    """How often the answer was in the passages a reader saw (packed into its prompt) against its score,
+    one point per RAG row (95% CIs both ways)."""
+    col = "in_prompt"
+    rag = table[table[col].notna()] if col in table else table.iloc[0:0]
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     for rd in rag.to_dict("records"):
-        r, m = rd["recall@k"], rd[metric]
-        ax.errorbar(r, m, xerr=[[r - rd["recall@k_low"]], [rd["recall@k_high"] - r]],
+        r, m = rd[col], rd[metric]
+        ax.errorbar(r, m, xerr=[[r - rd[f"{col}_low"]], [rd[f"{col}_high"] - r]],
                     yerr=[[m - rd[f"{metric}_low"]], [rd[f"{metric}_high"] - m]], fmt="o", capsize=3, label=rd["experiment"])
-    lim = max([0.05] + list(rag.get("recall@k_high", [])))
-    ax.plot([0, lim], [0, lim], ls=":", color="grey", label="score = recall")
-    ax.set_xlabel("answer recall@k of the passages read")
+    lim = max([0.05] + list(rag.get(f"{col}_high", [])))
+    ax.plot([0, lim], [0, lim], ls=":", color="grey", label="score = answer in prompt")
+    ax.set_xlabel("answer in the passages packed into the prompt")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.set_title(title or f"Retrieval ceiling vs reader {METRIC_LABELS.get(metric, metric)}")
     ax.grid(alpha=0.3)
@@ -139,10 +141,11 @@ def recall_vs_em(table, metric: str = "em", title: str = ""):
 
 
 def attribution_bars(attribution, title: str = ""):
-    """Stacked bars: correct / correct without the answer in the passages / reader miss / retrieval miss."""
+    """Stacked bars: correct / parametric (right without the answer in the prompt) / reader miss / packed out
+    (retrieved, cut by the context budget) / retrieval miss."""
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(attribution) + 2), 4.2))
     bottom = [0.0] * len(attribution)
-    colors = ["#2a9d8f", "#8ab17d", "#e9c46a", "#e76f51"]
+    colors = ["#2a9d8f", "#8ab17d", "#e9c46a", "#f4a261", "#e76f51"]
     for cat, color in zip(ATTRIBUTION, colors):
         frac = (attribution[cat] / attribution["n"]).tolist()
         ax.bar(attribution["experiment"], frac, bottom=bottom, label=cat, color=color)

@@ -78,6 +78,11 @@ def ci_column(table: pd.DataFrame, col: str) -> list[str]:
 
 # ---------------------------------------------------------------- results/main_table.*
 
+# answer_in_passages counts the passages packed into the prompt (what the reader saw); answer_in_retrieved
+# all k the retriever returned. A run folder from before the split has only the first (over all k).
+METRIC_COLUMNS = {"answer_in_passages": "in_prompt", "answer_in_retrieved": "recall@k"}
+
+
 def table_row(cfg: ExperimentConfig, metrics: dict, eval_set: str, wall_s: float | None, run: str) -> dict:
     """One row of results/main_table.csv; `wall_s` is the time computing the row took (stages reused
     from a cache count what they took when computed; None if unknown); `run` is the run folder
@@ -94,9 +99,9 @@ def table_row(cfg: ExperimentConfig, metrics: dict, eval_set: str, wall_s: float
             continue
         if suffix:
             row["n_in_corpus"] = block["n"]
-        for m in ("em", "f1", "match", "answer_in_passages"):
+        for m in ("em", "f1", "match", "answer_in_passages", "answer_in_retrieved"):
             if m in block:
-                col = ("recall@k" if m == "answer_in_passages" else m) + suffix
+                col = METRIC_COLUMNS.get(m, m) + suffix
                 row[col], row[col + "_low"], row[col + "_high"] = block[m]["mean"], block[m]["low"], block[m]["high"]
     seeds = metrics["seeds"]
     if cfg.training.enabled:  # variation over training seeds only means something for trained rows
@@ -121,11 +126,12 @@ def display_main_table(table: pd.DataFrame) -> pd.DataFrame:
 
     columns = [c for c in ("block", "experiment", "regime", "generator", "backend", "retriever", "k", "context", "eval_set", "n") if c in table]
     out = table[columns].fillna("").copy()
-    for col, label in (("em", "EM"), ("f1", "F1"), ("match", "answer match"), ("recall@k", "answer recall@k")):
+    for col, label in (("em", "EM"), ("f1", "F1"), ("match", "answer match"), ("recall@k", "answer recall@k"),
+                       ("in_prompt", "answer in prompt")):
         out[label] = ci(col)
     out["n (in corpus)"] = table["n_in_corpus"] if "n_in_corpus" in table else ""
     for col, label in (("em_in_corpus", "EM (in corpus)"), ("f1_in_corpus", "F1 (in corpus)"),
-                       ("match_in_corpus", "match (in corpus)"), ("recall@k_in_corpus", "recall@k (in corpus)")):
+                       ("match_in_corpus", "match (in corpus)"), ("in_prompt_in_corpus", "in prompt (in corpus)")):
         out[label] = ci(col)
     out["seeds"] = table["seeds"].astype(str) if "seeds" in table else ""
     if "em_seed_mean" in table:
@@ -143,7 +149,8 @@ def upsert_main_table(rows: list[dict], profile: str = "default") -> pd.DataFram
                        title="Main results: every regime on the same eval set",
                        note=("One row per experiment, produced by `rag-lab run experiments/<experiment>.yaml` "
                              "(or the notebooks). EM / F1 / answer match with 95% bootstrap CIs (1,000 resamples); "
-                             "answer recall@k = a gold answer occurs in the k passages the reader saw; 'in corpus' = "
+                             "answer recall@k = a gold answer occurs in the k passages retrieved; answer in prompt = in the "
+                             "passages packed into the reader's prompt (the context budget cuts the rest); 'in corpus' = "
                              "questions whose answer occurs somewhere in the corpus. Greedy decoding."),
                        render=display_main_table, order=in_regime_order)
 

@@ -128,6 +128,14 @@ def data_stage(cfg: ExperimentConfig) -> RunData:
             raise ConfigError(f"data.only_answer_in_corpus: the questions of {d.dataset!r} carry no answer_in_corpus flag "
                               "(nq-mini has it; rag_lab.data.build_nq_mini.mark_answer_in_corpus adds it)")
         questions = [q for q in questions if q.answer_in_corpus]
+    if d.only_gold_passage:  # the gold-passage oracle's lens: the questions an annotator found a passage for
+        if not any(q.gold_passage_id for q in questions):
+            raise ConfigError(f"data.only_gold_passage: no question of {d.dataset!r} / {d.eval_split} carries a "
+                              "gold_passage_id (nq-mini's NQ-open splits have them)")
+        questions = [q for q in questions if q.gold_passage_id]
+    if cfg.retriever.kind == "gold" and not d.only_gold_passage:
+        raise ConfigError("retriever.kind: gold hands each question its annotated passage, and questions without one "
+                          "would be read closed-book: set data.only_gold_passage: true")
     needs_train = cfg.generator.n_few_shot > 0 or stages.train is not None
     train, leak_check = leak_guard(cfg, questions, load_qa(d.dataset, d.train_split) if needs_train else [])
     if cfg.generator.n_few_shot > len(train):
@@ -333,19 +341,41 @@ def _generate_resumable(generator, questions, contexts, partial_path: Path, show
 
 # ---------------------------------------------------------------- stage 5: score
 
+PREDICTION_EXTRAS = ("prompt_tokens", "truncated", "prompt_sha256")  # copied from the generator's record when it has them
+
+
 def score_stage(questions: Sequence[QAExample], preds: list[dict], ctx: Contexts | None) -> list[dict]:
-    """The prediction rows of the data contract, one per question."""
+    """The prediction rows of the data contract, one per question. What the reader saw is what counts:
+    `passage_ids` and `answer_in_passages` cover the passages packed into the prompt (the first
+    `n_passages` of the top k: the context budget cuts the rest), `retrieved_ids` and
+    `answer_in_retrieved` all k the retriever returned (its recall@k)."""
     scores = score_predictions([p["prediction"] for p in preds], [q.answers for q in questions])
     holds = AnswerInPassage()
     rows = []
     for i, (q, p) in enumerate(zip(questions, preds)):
-        ids = [] if ctx is None else [h.passage_id for h in ctx.hits[i]]
-        in_passages = None if ctx is None else holds.any(q.answers, ctx.passages[i])
-        rows.append({"id": q.id, "question": q.question, "answers": list(q.answers), "prediction": p["prediction"],
-                     "raw": p["raw"], "passage_ids": ids, "em": float(scores["em"][i]), "f1": float(scores["f1"][i]),
-                     "match": float(scores["match"][i]), "answer_in_passages": in_passages,
-                     "answer_in_corpus": q.answer_in_corpus, **{k: p[k] for k in ("prompt_tokens", "truncated") if k in p}})
+        row = {"id": q.id, "question": q.question, "answers": list(q.answers), "prediction": p["prediction"],
+               "raw": p["raw"], "passage_ids": [], "em": float(scores["em"][i]), "f1": float(scores["f1"][i]),
+               "match": float(scores["match"][i]), "answer_in_passages": None, "answer_in_corpus": q.answer_in_corpus}
+        if ctx is not None:
+            packed = packed_count(p, len(ctx.passages[i]))
+            row["passage_ids"] = [h.passage_id for h in ctx.hits[i][:packed]]
+            row["answer_in_passages"] = holds.any(q.answers, ctx.passages[i][:packed])
+            row["retrieved_ids"] = [h.passage_id for h in ctx.hits[i]]
+            row["answer_in_retrieved"] = holds.any(q.answers, ctx.passages[i])
+        rows.append({**row, **{k: p[k] for k in PREDICTION_EXTRAS if k in p}})
     return rows
+
+
+def packed_count(pred: dict, n_retrieved: int) -> int:
+    """How many of a question's retrieved passages its reader read: the prompt's `n_passages` (a passage
+    cut to fit counts: part of it is in the prompt); readers that read every passage (the extractive
+    reader, the readers of fusion.py) read all of them."""
+    n = pred.get("n_passages")
+    if n is None:
+        return n_retrieved
+    if not 0 <= n <= n_retrieved:
+        raise DataError(f"prediction {pred.get('id')!r} says it read {n} passages of the {n_retrieved} retrieved")
+    return int(n)
 
 
 def summarize_rows(rows: list[dict], seed: int = 0) -> dict:
@@ -356,7 +386,8 @@ def summarize_rows(rows: list[dict], seed: int = 0) -> dict:
         if not subset:
             continue
         block = {"n": len(subset)}
-        metrics = ["em", "f1", "match"] + (["answer_in_passages"] if subset[0]["answer_in_passages"] is not None else [])
+        metrics = ["em", "f1", "match"] + (["answer_in_passages", "answer_in_retrieved"]
+                                           if subset[0]["answer_in_passages"] is not None else [])
         for m in metrics:
             mean, low, high = bootstrap_ci(np.array([float(r[m]) for r in subset]), seed=seed)
             block[m] = {"mean": mean, "low": low, "high": high}
@@ -412,7 +443,7 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
         compute[f"train_seed{seed}_s"] = info.get("train_seconds")
         training[seed] = {"model": str(final.relative_to(REPO_ROOT)) if final.is_relative_to(REPO_ROOT) else str(final),
                           **{k: info.get(k) for k in ("n_train", "n_dev", "skipped_empty_answers", "train_loss", "global_step", "train_seconds", "train_tokens", "peak_rss_gb",
-                                                       "best_checkpoint", "log_history", "dev_history", "objective", "passage_entropy")
+                                                       "best_checkpoint", "checkpoint_rule", "log_history", "dev_history", "objective", "passage_entropy")
                              if k in info}}
     if not state.is_main_process:
         return None  # another rank of a multi-process launch: rank 0 evaluates and writes the row

@@ -173,7 +173,8 @@ def record_index_builds(retriever, corpus: str, profile: str = "default") -> lis
         build = getattr(part, "build", None)
         if build:
             rows.append(record(StageTiming(f"index {build['kind']} {corpus}", build["seconds"], build.get("flops"),
-                                           "float32" if build.get("flops") else None, build.get("note", "")), profile))
+                                           build.get("precision", "float32") if build.get("flops") else None,
+                                           build.get("note", "")), profile))
     return rows
 
 

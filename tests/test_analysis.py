@@ -18,10 +18,20 @@ def test_error_attribution_counts_each_case():
     rag = preds(IDS, [1, 1, 0, 0, 0, 1], [1, 0, 1, 0, 0, 1])
     closed = preds(IDS, [0, 1, 1, 0, 0, 0])
     out = analysis.error_attribution(rag, closed, metric="match")
-    assert (out["correct"], out["correct, answer not in passages"], out["reader miss"], out["retrieval miss"]) == (2, 1, 1, 2)
+    assert (out["correct"], out["parametric"], out["reader miss"], out["packed out"], out["retrieval miss"]) == (2, 1, 1, 0, 2)
     assert out["n"] == 6 and sum(out[c] for c in analysis.ATTRIBUTION) == 6
     assert (out["right closed-book"], out["right closed-book and with RAG"], out["right closed-book, lost with RAG"],
             out["gained with RAG"]) == (2, 1, 1, 2)
+
+
+def test_attribution_counts_what_the_reader_saw_not_what_was_retrieved():
+    """A wrong answer whose answer-bearing passage was retrieved but cut by the context budget is 'packed out',
+    not a reader miss (the reader never saw it); a right answer with the answer only in a cut passage is parametric."""
+    rows = [{"id": f"q{i}", "match": m, "answer_in_passages": seen, "answer_in_retrieved": got}
+            for i, (m, seen, got) in enumerate([(0, False, True), (0, True, True), (0, False, False), (1, False, True), (1, True, True)])]
+    assert [analysis.attribute(r) for r in rows] == ["packed out", "reader miss", "retrieval miss", "parametric", "correct"]
+    out = analysis.error_attribution(rows)
+    assert (out["packed out"], out["reader miss"], out["retrieval miss"], out["parametric"], out["correct"]) == (1, 1, 1, 1, 1)
 
 
 def test_paired_tests_and_refusal_to_mix_question_sets():
@@ -54,14 +64,15 @@ def test_figures_render():
         {"experiment": "cb", "regime": "closed_book", "n": 6, "em": 0.1, "em_low": 0.0, "em_high": 0.2, "f1": 0.2, "f1_low": 0.1,
          "f1_high": 0.3, "match": 0.2, "match_low": 0.1, "match_high": 0.3, "recall@k": float("nan"), "recall@k_low": float("nan"), "recall@k_high": float("nan")},
         {"experiment": "rag", "regime": "rag", "n": 6, "em": 0.2, "em_low": 0.1, "em_high": 0.3, "f1": 0.3, "f1_low": 0.2,
-         "f1_high": 0.4, "match": 0.3, "match_low": 0.2, "match_high": 0.4, "recall@k": 0.5, "recall@k_low": 0.3, "recall@k_high": 0.7}])
+         "f1_high": 0.4, "match": 0.3, "match_low": 0.2, "match_high": 0.4, "recall@k": 0.5, "recall@k_low": 0.3, "recall@k_high": 0.7,
+         "in_prompt": 0.4, "in_prompt_low": 0.2, "in_prompt_high": 0.6}])
     for fig in (plots.metric_bars(table), plots.recall_vs_em(table)):
         assert len(fig.axes[0].get_children()) > 5
         plots.plt.close(fig)
     att = pd.DataFrame([{"experiment": "rag", "n": 6, "metric": "match", **analysis.error_attribution(preds(IDS, [1, 0, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0]))}])
     fig = plots.attribution_bars(att)
     heights = [p.get_height() for p in fig.axes[0].patches]
-    assert heights == pytest.approx([1 / 6, 1 / 6, 1 / 6, 3 / 6])
+    assert heights == pytest.approx([1 / 6, 1 / 6, 1 / 6, 0, 3 / 6])  # correct, parametric, reader miss, packed out, retrieval miss
     plots.plt.close(fig)
 
 

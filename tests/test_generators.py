@@ -133,3 +133,11 @@ def test_seq2seq_batched_equals_one_by_one():
     single = Seq2SeqGenerator(model, tok, builder(tok), max_new_tokens=5, batch_size=1).generate(QS)
     assert [p["raw"] for p in batched] == [p["raw"] for p in single]
     assert [p["id"] for p in batched] == [q.id for q in QS]
+
+
+@pytest.mark.parametrize("raw, answer", [("[1] Paris", "Paris"), ("[2]: The answer is Paris.", "Paris"), ("Paris [1]", "Paris"),
+                                         ("[1] [3] 1972", "1972"), ('Answer: [1] "Rome"', "Rome"), ("[12] 4,000 [2]", "4,000")])
+def test_clean_answer_strips_the_prompts_passage_markers(raw, answer):
+    from rag_lab.generators.postprocess import clean_answer
+
+    assert clean_answer(raw) == answer

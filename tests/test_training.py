@@ -260,3 +260,35 @@ def test_a_finished_model_with_damaged_weights_is_trained_again(tmp_path):
     with pytest.warns(CacheRepaired):
         assert finished(tmp_path / "out", record) is None
     assert not (tmp_path / "out" / FINAL).exists()
+
+
+def test_checkpoint_rule_breaks_dev_em_ties_by_dev_loss_then_the_later_step():
+    from rag_lab.training.generator import selection_score
+
+    assert selection_score(0.02, 3.0, 10) > selection_score(0.01, 0.1, 50)  # dev EM first: one dev question outweighs loss
+    assert selection_score(0.01, 2.8, 38) > selection_score(0.01, 2.9, 13)  # a tie goes to the lower dev loss
+    assert selection_score(0.01, 2.8, 38) > selection_score(0.01, 2.8, 13)  # a full tie to the later step
+    assert selection_score(0.0, float("nan"), 5) == pytest.approx(0.0, abs=1e-9)  # no finite loss: EM alone
+
+
+def test_flat_dev_em_picks_the_lowest_dev_loss_not_the_first_checkpoint(tmp_path):
+    """At small scale dev EM is often flat (the same at every evaluation): the Trainer used to keep the earliest
+    checkpoint. The rule picks the checkpoint with the lowest dev loss."""
+    from rag_lab.training.generator import DevEMCallback
+
+    class Silent:  # a reader that is always wrong: dev EM 0.0 at every evaluation
+        def generate(self, questions, contexts=None):
+            return [{"prediction": "zzz"} for _ in questions]
+
+    model, tok = make_tiny_causal_lm()
+    examples, _ = build_sft_examples(PROMPTS, ANSWERS, tok)
+    from rag_lab.data.records import QAExample
+
+    dev = [QAExample(f"d{i}", p, (a,)) for i, (p, a) in enumerate(zip(PROMPTS[:2], ANSWERS[:2]))]
+    callback = DevEMCallback(lambda m: Silent(), dev)
+    report = fit_generator(model, tok, examples, tmp_path / "out", settings(epochs=3, patience=10), examples[:2], callback)
+    history = report["dev_history"]
+    assert len(history) >= 3 and {h["dev_em"] for h in history} == {0.0}
+    best = min(history, key=lambda h: (h["eval_loss"], -h["step"]))
+    assert best["step"] != history[0]["step"]  # training lowers the dev loss: the first checkpoint is not the best
+    assert report["best_checkpoint"].endswith(f"checkpoint-{best['step']}")

@@ -8,6 +8,7 @@ from rag_lab.data.chunking import window_passages
 from rag_lab.data import load_corpus
 from rag_lab.data.corpus import Corpus
 from rag_lab.data.records import Passage, QAExample
+from rag_lab.io import DataError
 from rag_lab.metrics import AnswerInPassage
 
 
@@ -19,6 +20,8 @@ def eval_set_name(data_cfg, n: int) -> str:
     subset = f" seed={data_cfg.subset_seed}" if data_cfg.n_eval else ""
     lens = " answer-in-corpus" if getattr(data_cfg, "only_answer_in_corpus", False) else ""
     lens += " gold-passage" if getattr(data_cfg, "only_gold_passage", False) else ""
+    if getattr(data_cfg, "only_gold_passage", False) and data_cfg.n_eval:  # the lens cuts a subset: name both sizes
+        return f"{data_cfg.dataset}/{data_cfg.eval_split} n={data_cfg.n_eval}{subset}{lens} n={n}"
     return f"{data_cfg.dataset}/{data_cfg.eval_split} n={n}{subset}{lens}"
 
 
@@ -45,15 +48,29 @@ def corpus_label(data_cfg) -> str:
     return " ".join(parts + ([f"n_corpus={data_cfg.n_corpus}"] if data_cfg.n_corpus else []))
 
 
+def gold_rows(passages: Corpus, questions: Sequence[QAExample]) -> set[int]:
+    """Rows of the questions' annotated gold passages, or of their sentence windows (`<id>~<j>`) in a windowed
+    corpus. (An annotated id a corpus lacks is the gold retriever's error to raise, naming the id.)"""
+    wanted = {q.gold_passage_id for q in questions if q.gold_passage_id}
+    if not wanted:
+        return set()
+    ids = passages.table.column("id").to_pylist()
+    return {i for i, pid in enumerate(ids) if pid in wanted or pid.rpartition("~")[0] in wanted}
+
+
 def subset_corpus(passages: Corpus, questions: Sequence[QAExample], n: int | None, seed: int = 0) -> Corpus:
-    """n passages: up to half of them ones that hold an answer to `questions` (so a small profile
-    still has something to find), the rest a seeded random sample; original order kept."""
+    """n passages: the questions' annotated gold passages (the gold-passage oracle reads them), then up to
+    half of n ones that hold an answer to `questions` (so a small profile still has something to find),
+    the rest a seeded random sample; original order kept."""
     if n is None or n >= len(passages):
         return passages
     holds = AnswerInPassage()
-    with_answer = [i for i, p in enumerate(passages) if any(holds(q.answers, p) for q in questions)]
+    gold = gold_rows(passages, questions)
+    if len(gold) > n:
+        raise DataError(f"data.n_corpus = {n} cannot hold the {len(gold)} annotated gold passages of the questions; raise it")
+    with_answer = [i for i, p in enumerate(passages) if i not in gold and any(holds(q.answers, p) for q in questions)]
     rng = random.Random(seed)
-    chosen = set(rng.sample(with_answer, min(len(with_answer), n // 2)))
+    chosen = gold | set(rng.sample(with_answer, min(len(with_answer), max(0, n // 2 - len(gold)))))
     rest = [i for i in range(len(passages)) if i not in chosen]
     chosen |= set(rng.sample(rest, n - len(chosen)))
     return passages.select(sorted(chosen))

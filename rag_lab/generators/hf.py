@@ -6,6 +6,8 @@ greedy (reported numbers are never sampled) and stops at the end of the first li
 """
 from __future__ import annotations
 
+import hashlib
+
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -83,7 +85,8 @@ class HFGenerator:
 
     def predictions(self, examples: Sequence[QAExample], prompts: Sequence[Prompt], raws: Sequence[str]) -> list[dict]:
         return [{"id": e.id, "raw": raw, "prediction": clean_answer(raw, self.strip_prefixes),
-                 "prompt_tokens": p.n_tokens, "truncated": p.truncated, "n_passages": p.n_passages}
+                 "prompt_tokens": p.n_tokens, "truncated": p.truncated, "n_passages": p.n_passages,
+                 "prompt_sha256": hashlib.sha256(p.text.encode("utf-8")).hexdigest()}
                 for e, p, raw in zip(examples, prompts, raws)]
 
     def generate(self, examples: Sequence[QAExample], contexts: Sequence[Sequence[Passage]] | None = None,

@@ -18,8 +18,10 @@ def retriever_cache_dir(cache_dir: Path | None = None) -> Path:
 
 
 def questions_fingerprint(questions: Sequence[QAExample]) -> str:
-    """Ids, text and answers: the oracle retriever's hits depend on the answers too."""
-    return stable_hash([[q.id, q.question, list(q.answers)] for q in questions])
+    """Ids, text and answers (the answer-string oracle reads them), and the gold passage id where a
+    question has one (the gold-passage oracle reads it; absent otherwise, so other keys stay)."""
+    return stable_hash([[q.id, q.question, list(q.answers)] + ([q.gold_passage_id] if q.gold_passage_id else [])
+                        for q in questions])
 
 
 def cached_retrieve(retriever, questions: Sequence[QAExample], k: int, cache_dir: Path | None = None) -> list[list[Hit]]:

@@ -30,6 +30,15 @@ from rag_lab.retrievers.base import Hit, check_k, check_questions, hits_from_arr
 from rag_lab.retrievers.cache import retriever_cache_dir
 from rag_lab.timings import count_params, encoder_flops
 
+def _ct2_encoder(name: str, max_length: int):
+    from rag_lab.retrievers.ct2_encoder import CT2SentenceEncoder  # why: ctranslate2 only for the int8 engine
+
+    return CT2SentenceEncoder(name, "int8", max_length)
+
+
+# retriever.encoder_backend -> (encoder name, max length) -> an object with SentenceTransformer's `encode`
+ENCODER_BACKENDS = {"sentence-transformers": lambda name, max_length: load_sentence_encoder(name),
+                    "ctranslate2": _ct2_encoder}
 ENCODE_CHUNK = 131_072  # passages per encoder call; shards are whole chunks (same bytes for any shard count)
 TRAIN_ROWS = 262_144  # an IVF/PQ index trains on at most this many rows (or 64 per list), a seeded sample
 EMBEDDING_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -149,7 +158,7 @@ class DenseRetriever:
                  passage_prefix: str = "", max_length: int = 256, index_factory: str = "Flat",
                  search_params: str = "", batch_size: int = 64, cache_dir: Path | None = None,
                  show_progress: bool = True, model=None, query_encoder: str = "", embedding_dtype: str = "float32",
-                 chunk: int = ENCODE_CHUNK, build: bool = True):
+                 chunk: int = ENCODE_CHUNK, build: bool = True, encoder_backend: str = "sentence-transformers"):
         if not len(passages):
             raise ValueError("DenseRetriever needs a non-empty corpus")
         if embedding_dtype not in EMBEDDING_DTYPES:
@@ -157,10 +166,15 @@ class DenseRetriever:
 
         self.passages: Corpus = as_corpus(passages)
         self.encoder_name = encoder
-        self.model = model if model is not None else load_sentence_encoder(encoder)
+        if encoder_backend not in ENCODER_BACKENDS:
+            raise ValueError(f"retriever.encoder_backend {encoder_backend!r}: choose one of {', '.join(ENCODER_BACKENDS)}")
+        self.encoder_backend = encoder_backend
+        self.model = model if model is not None else ENCODER_BACKENDS[encoder_backend](encoder, max_length)
         self.model.max_seq_length = max_length
         self.params = {"encoder": model_fingerprint(resolve_model(encoder)) if model is None else _module_fingerprint(model),
                        "query_prefix": query_prefix, "passage_prefix": passage_prefix, "max_length": max_length}
+        if encoder_backend != "sentence-transformers":  # the default stays out of the key: older caches stay valid
+            self.params["encoder_backend"] = f"{encoder_backend}-{self.model.compute_type}"
         if embedding_dtype != "float32":  # float32 (the default) stays out of the key: older caches stay valid
             self.params["embedding_dtype"] = embedding_dtype
         self.dtype = EMBEDDING_DTYPES[embedding_dtype]
@@ -215,8 +229,10 @@ class DenseRetriever:
             for start, stop in missing:
                 self.store.write_shard(start, stop, self._encode_rows, self.dtype, self.show_progress)
             n = sum(b - a for a, b in missing)
-            self.build = {"kind": f"dense {Path(self.encoder_name).name}", "seconds": time.perf_counter() - t0,
-                          "flops": self._encoding_flops(missing), "note": f"{n} passages encoded"}
+            int8 = self.encoder_backend == "ctranslate2"
+            self.build = {"kind": f"dense {Path(self.encoder_name).name}" + (" (ctranslate2 int8)" if int8 else ""),
+                          "seconds": time.perf_counter() - t0, "flops": self._encoding_flops(missing),
+                          "precision": "int8" if int8 else "float32", "note": f"{n} passages encoded"}
             shards = self.store.shards()
         parts = [np.load(d / "emb.npy", mmap_mode="r") for _, _, d in shards]
         return parts[0] if len(parts) == 1 else ShardedEmbeddings(parts)
@@ -226,15 +242,18 @@ class DenseRetriever:
         counted exactly up to `sample` passages, estimated from `sample` evenly spaced ones beyond (a
         second tokenisation of a 21M-passage corpus would cost as much as the encoder's own)."""
         try:
-            tokenizer, net = self.model.tokenizer, self.model[0].auto_model
+            tokenizer = self.model.tokenizer
+            n_params = self.model.n_params if hasattr(self.model, "n_params") else count_params(self.model[0].auto_model)
         except (AttributeError, IndexError, TypeError):  # an encoder that is not a transformers module
+            return None
+        if not n_params:
             return None
         rows = np.concatenate([np.arange(a, b) for a, b in ranges])
         picked = rows if len(rows) <= sample else rows[np.linspace(0, len(rows) - 1, sample).astype(np.int64)]
         prefix = self.params["passage_prefix"]
         texts = [prefix + passage_text(p) for p in self.passages.take(picked)]
         tokens = sum(map(len, tokenizer(texts, truncation=True, max_length=self.params["max_length"])["input_ids"]))
-        return encoder_flops(count_params(net), tokens * len(rows) / len(picked))
+        return encoder_flops(n_params, tokens * len(rows) / len(picked))
 
     def _load_or_build_index(self) -> faiss.Index:
         folder = self.cache_dir / f"faiss-{stable_hash([self._embedding_key(), self.index_factory])[:16]}"

@@ -200,6 +200,18 @@ def padding_fraction(examples: Sequence[dict], batch_size: int, group_by_length:
 
 # ---------------------------------------------------------------- callbacks
 
+CHECKPOINT_RULE = ("the checkpoint with the highest dev EM; ties (common at small scale, where dev EM moves in steps "
+                   "of 1/n_dev) go to the lower dev loss, then to the later step; without a dev EM callback, the lowest dev loss")
+
+
+def selection_score(dev_em: float, dev_loss: float | None, step: int) -> float:
+    """What picks the checkpoint (`CHECKPOINT_RULE`), as one number the Trainer maximises: dev EM, minus
+    1e-6 x dev loss (below any EM step of a dev set under 10^5 questions), plus 1e-12 x step (a full tie
+    goes to the later, longer-trained checkpoint; the Trainer keeps the earlier one on equal values)."""
+    loss = 0.0 if dev_loss is None or not math.isfinite(dev_loss) else min(dev_loss, 100.0)
+    return dev_em - 1e-6 * loss + 1e-12 * step
+
+
 class DevEMCallback(TrainerCallback):
     """At each evaluation: greedy answers on the dev slice -> `eval_dev_em` (and F1) in the metrics,
     before the Trainer picks the best checkpoint and before early stopping looks."""
@@ -216,8 +228,9 @@ class DevEMCallback(TrainerCallback):
         scores = score_predictions([p["prediction"] for p in preds], [q.answers for q in self.dev])
         metrics["eval_dev_em"] = float(scores["em"].mean())
         metrics["eval_dev_f1"] = float(scores["f1"].mean())
+        metrics["eval_dev_select"] = selection_score(metrics["eval_dev_em"], metrics.get("eval_loss"), state.global_step)
         self.history.append({"step": state.global_step, "dev_em": metrics["eval_dev_em"], "dev_f1": metrics["eval_dev_f1"],
-                             "eval_loss": metrics.get("eval_loss")})
+                             "eval_loss": metrics.get("eval_loss"), "select": metrics["eval_dev_select"]})
         state.log_history.append({"step": state.global_step, "eval_dev_em": metrics["eval_dev_em"], "eval_dev_f1": metrics["eval_dev_f1"]})
 
 
@@ -317,7 +330,8 @@ def last_checkpoint(output_dir: Path) -> str | None:
 # ---------------------------------------------------------------- training
 
 def training_arguments(settings: TrainSettings, output_dir: Path, n_dev: int, dev_em: bool) -> TrainingArguments:
-    """Trainer arguments; with a dev set the best checkpoint is kept by dev EM (or dev loss without the EM callback)."""
+    """Trainer arguments; with a dev set the best checkpoint is kept by `CHECKPOINT_RULE` (dev EM, ties to the
+    lower dev loss and then the later step; dev loss alone without the EM callback)."""
     return TrainingArguments(
         output_dir=str(output_dir), seed=settings.seed, data_seed=settings.seed,
         learning_rate=settings.learning_rate, num_train_epochs=settings.epochs, weight_decay=settings.weight_decay,
@@ -329,7 +343,7 @@ def training_arguments(settings: TrainSettings, output_dir: Path, n_dev: int, de
         save_strategy="steps", save_steps=settings.eval_steps, save_total_limit=2,
         save_only_model=not settings.save_optimizer, **_checkpointing_argument(settings.gradient_checkpointing),
         logging_steps=settings.eval_steps if settings.eval_steps < 10 else 10, logging_nan_inf_filter=False,
-        load_best_model_at_end=bool(n_dev), metric_for_best_model=("dev_em" if dev_em else "loss") if n_dev else None,
+        load_best_model_at_end=bool(n_dev), metric_for_best_model=("dev_select" if dev_em else "loss") if n_dev else None,
         greater_is_better=dev_em,
         report_to=["tensorboard"] if settings.tensorboard else [], dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=False, remove_unused_columns=False,
@@ -431,8 +445,8 @@ def train_generator(examples: Split[QAExample], contexts: Split[list[Passage]] |
             "train_tokens": int(train_tokens),
             "train_seconds": report["train_seconds"], "peak_rss_gb": report["peak_rss_gb"],  # peak of the whole process so far
             "train_loss": report["train_loss"], "global_step": report["global_step"],
-            "best_checkpoint": report["best_checkpoint"], "log_history": report["log_history"],
-            "dev_history": report["dev_history"]}
+            "best_checkpoint": report["best_checkpoint"], "checkpoint_rule": CHECKPOINT_RULE if dev else "the last step (no dev set)",
+            "log_history": report["log_history"], "dev_history": report["dev_history"]}
     info = json.loads(json.dumps(info, default=str))
     state = PartialState()
     if state.is_main_process:  # one writer under DDP; the other ranks wait until the folder is there

@@ -33,7 +33,7 @@ from rag_lab.generators.extractive import ExtractiveReader, load_qa_model
 from rag_lab.io import write_json
 from rag_lab.metrics import AnswerInPassage
 from rag_lab.models import resolve_model
-from rag_lab.training.generator import (CONFIG_FILE, FINAL, DevEMCallback, ListDataset, Split, StopOnNonFiniteLoss,
+from rag_lab.training.generator import (CHECKPOINT_RULE, CONFIG_FILE, FINAL, DevEMCallback, ListDataset, Split, StopOnNonFiniteLoss,
                                         TrainingError, TrainSettings, resume_point, save_model, timed_train,
                                         training_arguments)
 
@@ -202,6 +202,7 @@ def fit_reader(model_name_or_path: str, features: list[dict], dev_examples: Sequ
     info = {"record": record, **(notes or {}), "n_train": len(features), "n_dev": len(dev_examples), **cost,
             "n_dev_features": len(dev_features), "train_loss": result.training_loss,
             "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
+            "checkpoint_rule": CHECKPOINT_RULE if dev_callback else "the last step (no dev set)",
             "log_history": trainer.state.log_history, "dev_history": dev_callback.history if dev_callback else []}
     info = json.loads(json.dumps(info, default=str))
     final = save_model(trainer.model, tokenizer, output_dir / FINAL, info)
