@@ -103,6 +103,8 @@ def test_in_memory_corpus_and_lookups():
 
 def test_nq_mini_goes_through_arrow():
     corpus = load_corpus("nq-mini")
-    assert isinstance(corpus, Corpus) and len(corpus) == 12324
-    ids = np.asarray(corpus.ids_at(np.array([0, 100, 12323])))
-    assert list(corpus.rows_of(list(ids))) == [0, 100, 12323]
+    assert isinstance(corpus, Corpus) and len(corpus) == 126181
+    ids = np.asarray(corpus.ids_at(np.array([0, 100, 126180])))
+    assert list(corpus.rows_of(list(ids))) == [0, 100, 126180]
+    vital = load_corpus("nq-mini-vital")  # NQ-mini 1's corpus: the first 12,324 rows, zero-copy
+    assert len(vital) == 12324 and vital.ids_at(np.array([12323])) == corpus.ids_at(np.array([12323]))
