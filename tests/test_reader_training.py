@@ -193,7 +193,8 @@ def test_dev_em_is_computed_at_each_evaluation_and_picks_the_final_model(tmp_pat
     history = report["dev_history"]
     assert [h["step"] for h in history] == [5, 10] and report["n_dev"] == 1 and report["n_dev_features"] == 2
     assert all(h["dev_em"] in (0.0, 1.0) and h["eval_loss"] is not None for h in history)
-    best = max(history, key=lambda h: h["dev_em"])  # first of the best: the Trainer keeps a strictly better one only
+    # the checkpoint rule: the best dev EM, ties to the lower dev loss, then the later step
+    best = max(history, key=lambda h: (h["dev_em"], -h["eval_loss"], h["step"]))
     assert report["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
     assert_same_weights(Path(report["best_checkpoint"]), Path(report["final_dir"]))
 

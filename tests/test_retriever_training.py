@@ -170,6 +170,6 @@ def test_mining_on_nq_mini_train(tmp_path):
     bm25 = BM25Retriever(passages, cache_dir=tmp_path, show_progress=False)
     pairs, stats = mine_training_pairs(questions, contexts_from_hits(bm25.retrieve(questions, 100), passages))
     print(stats)
-    assert stats["n_questions"] == len(questions) == 1800
+    assert stats["n_questions"] == len(questions) == 1210
     assert stats["n_pairs"] > 300 and stats["skipped_no_positive"] > 0
-    assert stats["n_pairs"] + stats["skipped_no_positive"] + stats["skipped_no_negative"] == 1800
+    assert stats["n_pairs"] + stats["skipped_no_positive"] + stats["skipped_no_negative"] == 1210
