@@ -417,7 +417,7 @@ RUN_DAMAGE = [  # (id, how to damage one run folder, fragment of the report)
     ("run-missing-metrics", lambda d: (d / "metrics.json").unlink(), "incomplete: no metrics.json"),
     ("run-missing-predictions", lambda d: (d / "predictions.jsonl").unlink(), "incomplete: no predictions.jsonl"),
     ("run-truncated-predictions", lambda d: (d / "predictions.jsonl").write_text(
-        "".join((d / "predictions.jsonl").read_text().splitlines(keepends=True)[:10])), "inconsistent: metrics.json says n=300"),
+        "".join((d / "predictions.jsonl").read_text().splitlines(keepends=True)[:10])), "predictions.jsonl has 10 rows"),
     ("run-corrupt-metrics", lambda d: (d / "metrics.json").write_text("{"), "unreadable"),
     ("run-renamed-experiment", lambda d: d.rename(d.parent.parent / "other_name" / d.name) if (d.parent.parent / "other_name").mkdir() is None else None,
      "inconsistent: config.json names 'closed_book_zero_shot'"),

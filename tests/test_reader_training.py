@@ -245,7 +245,7 @@ def test_reader_train_stage_trains_on_retrieved_passages_then_reuses(tmp_path, m
     base = save_tiny_encoder(tmp_path / "base")
     cfg = ExperimentConfig(
         name="reader_test", regime="reader",
-        data=DataConfig(n_train=12, n_corpus=200),
+        data=DataConfig(n_eval=12, n_train=12, n_corpus=200),
         retriever=RetrieverConfig(kind="bm25", k=3),
         generator=GeneratorConfig(kind="extractive", model=base),
         training=TrainingConfig(enabled=True, epochs=1, batch_size=8, eval_steps=2, dev_size=8,
