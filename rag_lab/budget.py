@@ -35,7 +35,7 @@ class BudgetCurve:
     """Recall at each budget for one (retriever, passage granularity) setting."""
 
     retriever: str
-    granularity: str  # "leads" or "windows<=40w"
+    granularity: str  # "passages" (the corpus's own) or "windows<=40w"
     found: dict[int, np.ndarray]  # budget -> (n,) bool
 
     def rows(self, seed: int = 0) -> list[dict]:

@@ -305,7 +305,7 @@ class BudgetStudyConfig:
     n_dev: int = _help("dev questions, a seeded subset of the train split (never the eval split)", 300)
     reader: str = _help("the reader whose tokenizer and prompt format count the tokens", "qwen2.5-coder-0.5b-instruct")
     budgets: list[int] = _help("context budgets, in reader tokens", factory=lambda: [64, 128, 192, 256, 384, 512])
-    window_words: list[int] = _help("sentence-window sizes compared with the corpus's own passages (leads)", factory=lambda: [40])
+    window_words: list[int] = _help("sentence-window sizes compared with the corpus's own passages", factory=lambda: [40])
     retrievers: list[str] = _help("names from `retrievers` to compare", factory=lambda: ["bm25", "dense", "hybrid"])
     depth: int = _help("passages retrieved per question before packing", 20)
     choose_at: int = _help("the budget the default RAG rows use; the best setting at it is reported", 192)

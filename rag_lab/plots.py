@@ -39,7 +39,7 @@ def recall_at_budget(curves, choose_at: int | None = None, title: str = ""):
     table = curves_table(curves)
     fig, ax = plt.subplots(figsize=(6.8, 4.3))
     for setting, g in table.groupby("setting", sort=False):
-        style = "-" if "leads" in setting else "--"
+        style = "--" if "windows" in setting else "-"
         ax.plot(g["budget"], g["recall"], style, marker="o", ms=3, label=setting)
         ax.fill_between(g["budget"], g["recall_low"], g["recall_high"], alpha=0.12)
     if choose_at:

@@ -193,7 +193,7 @@ def run_budget_study(cfg, profile: str = "default", cache_dir: Path | None = Non
     for words in [None, *b.window_words]:
         data = dataclasses.replace(cfg.data, window_words=words)
         passages = corpus_for(data, questions)
-        granularity = "leads" if words is None else f"windows<={words}w"
+        granularity = "passages" if words is None else f"windows<={words}w"
         for name in b.retrievers:
             t0 = time.perf_counter()
             (ctx,) = contexts(cfg.retrievers[name], passages, b.depth, questions, cache_dir=cache_dir,
@@ -220,7 +220,7 @@ def check_rag_rows_follow(study: BudgetStudy, experiments: Path, profile: str = 
     best, lines = study.best, []
     for name in RAG_ROWS:
         cfg = load_experiment(experiments / f"{name}.yaml", profile)
-        granularity = f"windows<={cfg.data.window_words}w" if cfg.data.window_words else "leads"
+        granularity = f"windows<={cfg.data.window_words}w" if cfg.data.window_words else "passages"
         used = f"{cfg.retriever.kind}, {granularity}"
         same_budget = cfg.generator.max_context_tokens == study.choose_at
         verdict = ("the best setting measured here" if used == best.setting and same_budget else
