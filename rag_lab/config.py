@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from rag_lab.io import UserError
+from rag_lab.io import UserError, check_not_protected, check_replaceable
 from rag_lab.paths import REPO_ROOT, repo_path
 
 
@@ -503,6 +503,8 @@ def resolve_paths(cfg):
     there. Embedded names and hub ids are left as they are."""
     if isinstance(cfg, ExperimentConfig):
         output = _under_repo(cfg.training.output) if cfg.training.output else ""
+        if output:  # the trainer writes checkpoints inside it and replaces <output>/seed<n>/final
+            check_not_protected(Path(output), "training.output")
         return dataclasses.replace(cfg, generator=dataclasses.replace(cfg.generator, model=repo_path(cfg.generator.model)),
                                    retriever=dataclasses.replace(cfg.retriever, encoder=repo_path(cfg.retriever.encoder),
                                                                  query_encoder=repo_path(cfg.retriever.query_encoder) if cfg.retriever.query_encoder else ""),
@@ -510,6 +512,7 @@ def resolve_paths(cfg):
     if isinstance(cfg, RetrievalStudyConfig):
         t = cfg.train_retriever
         trained = _under_repo(t.output)
+        check_replaceable(Path(trained), "train_retriever.output")  # the trained encoder replaces this folder
 
         def encoder(name: str) -> str:
             return trained if name == t.output or _under_repo(name) == trained else repo_path(name)

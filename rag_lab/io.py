@@ -20,6 +20,9 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from rag_lab import paths
+from rag_lab.paths import CACHE_KINDS, cache_dir, data_dir, results_dir, source_data_dir
+
 
 class UserError(Exception):
     """An error that is the user's to fix: its message names the file and line, or the config key,
@@ -31,6 +34,62 @@ class DataError(UserError, ValueError):
 
 
 TMP_MARK = "tmp-pid"  # temporaries are named .<target>.tmp-pid<pid>.<random>: whose they are is in the name
+
+
+MADE_MARK = ".rag_lab_made"  # in every folder atomic_dir wrote: rag_lab may replace that folder, and no other
+
+
+def _owned_areas() -> list[Path]:
+    """Folders whose contents rag_lab writes and may replace without a mark (caches, run folders)."""
+    results = results_dir()
+    runs = [results / "runs", *(p / "runs" for p in results.iterdir() if p.is_dir())] if results.is_dir() else []
+    return [paths.REPO_ROOT / "cache", *(cache_dir(k) for k in CACHE_KINDS), *runs]
+
+
+def _protected() -> list[Path]:
+    """Folders never replaced, nor any of their parents: the repository, its top-level folders and
+    cache folders, the data, results and source folders, the home folder, the cache roots."""
+    root = paths.REPO_ROOT
+    tops = [p for p in root.iterdir() if p.is_dir() and p.name != "cache"] if root.is_dir() else []
+    kinds = [p for p in (root / "cache").iterdir() if p.is_dir()] if (root / "cache").is_dir() else []  # cache/models, ...
+    return [root, *tops, *kinds, data_dir(), results_dir(), source_data_dir(), Path.home(), *_owned_areas()]
+
+
+def check_not_protected(target: Path, key: str = "") -> Path:
+    """`target` resolved; UserError if it is, or holds, a folder never to be replaced (`_protected`):
+    the repository or a parent of it, one of its top-level folders, the data, results or source
+    folder, the home folder, a cache root. `key` (a config key) starts the message when given."""
+    name = f"{key} = {target}" if key else str(target)
+    given = Path(target).expanduser()
+    if given.is_symlink():
+        raise UserError(f"{name}: is a symbolic link; refusing to write an output there (choose another folder)")
+    resolved = given.resolve()
+    for guarded in _protected():
+        g = guarded.expanduser().resolve()
+        if resolved == g or g.is_relative_to(resolved):
+            raise UserError(f"{name}: refusing to write an output there: it is or holds {g} "
+                            "(choose a folder of its own, e.g. under cache/)")
+    return resolved
+
+
+def check_replaceable(target: Path, key: str = "") -> None:
+    """Refuse (UserError), before anything is touched, to replace a folder rag_lab did not create.
+
+    Replaceable: a path that does not exist yet; a folder with MADE_MARK; a folder inside rag_lab's
+    caches or run folders (written before the mark existed). Never a protected folder
+    (`check_not_protected`)."""
+    name = f"{key} = {target}" if key else str(target)
+    resolved = check_not_protected(target, key)
+    if not resolved.exists():
+        return
+    if not resolved.is_dir():
+        raise UserError(f"{name}: exists and is not a folder rag_lab made; refusing to replace it (choose another output)")
+    if (resolved / MADE_MARK).is_file():
+        return
+    if any(resolved.is_relative_to(a.expanduser().resolve()) for a in _owned_areas()):
+        return
+    raise UserError(f"{name}: the folder exists and rag_lab did not create it (no {MADE_MARK}); refusing to replace it "
+                    "(choose a new output folder, or delete this one yourself)")
 _TMP = re.compile(r"^\..+\." + TMP_MARK + r"(\d+)\.")
 
 
@@ -77,11 +136,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temp folder beside `target`; on success it replaces `target` in one rename."""
+    """Yield a temp folder beside `target`; on success it replaces `target` in one rename.
+
+    `target` must be replaceable (`check_replaceable`: checked before anything is written); the new
+    folder carries MADE_MARK, so rag_lab may replace it again later."""
+    target = Path(target)
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{TMP_MARK}{os.getpid()}."))
     try:
         yield tmp
+        (tmp / MADE_MARK).write_text("made by rag_lab: it may replace this folder\n", encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -186,7 +251,7 @@ def discard(path: Path, why: str) -> None:
 
 def write_manifest(folder: Path) -> None:
     """Record the size and sha256 of every file in a cache folder (call it last, inside `atomic_dir`)."""
-    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name not in (MANIFEST, VERIFIED))
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name not in (MANIFEST, VERIFIED, MADE_MARK))
     manifest = {f.relative_to(folder).as_posix(): [f.stat().st_size, sha256_file(f)] for f in files}
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
@@ -201,7 +266,7 @@ def folder_is_intact(folder: Path) -> bool:
     except (OSError, ValueError):
         discard(folder, f"no readable {MANIFEST}")
         return False
-    files = {f.relative_to(folder).as_posix(): f for f in folder.rglob("*") if f.is_file() and f.name not in (MANIFEST, VERIFIED)}
+    files = {f.relative_to(folder).as_posix(): f for f in folder.rglob("*") if f.is_file() and f.name not in (MANIFEST, VERIFIED, MADE_MARK)}
     if set(files) != set(manifest):
         discard(folder, f"files differ from {MANIFEST}")
         return False

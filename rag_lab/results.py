@@ -22,16 +22,23 @@ MAIN_TABLE_KEY = ("experiment", "eval_set")
 KS = (1, 5, 10, 20, 100)  # the recall@k cut-offs of results/retrieval.*
 
 
-def upsert_rows(csv_path: str | Path, rows: Sequence[dict], key: Sequence[str], title: str = "", note: str = "",
+def upsert_rows(csv_path: str | Path, rows: Sequence[dict] | Callable[[], Sequence[dict]], key: Sequence[str], title: str = "", note: str = "",
                 render: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
-                order: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pd.DataFrame:
+                order: Callable[[pd.DataFrame], pd.DataFrame] | None = None, replace_all: bool = False) -> pd.DataFrame:
     """Insert or replace `rows` (matched on the `key` columns) in `csv_path`; rewrite the .md beside it
     (through `render`, which turns the numeric table into the one people read). `order` sorts the
-    rows (default: where they were inserted)."""
+    rows (default: where they were inserted). `replace_all`: the table becomes `rows` alone, in one
+    atomic write under the lock (a reader never finds it missing); no rows then removes it. `rows` may
+    be a function, called under the lock (what it reads cannot change before the write)."""
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(csv_path) + ".lock"):
-        table = pd.read_csv(csv_path) if csv_path.exists() else pd.DataFrame()
+        rows = rows() if callable(rows) else rows
+        if replace_all and not rows:
+            for stale in (csv_path, csv_path.with_suffix(".md")):
+                stale.unlink(missing_ok=True)
+            return pd.DataFrame()
+        table = load_table(csv_path) if csv_path.exists() and not replace_all else pd.DataFrame()
         new = pd.DataFrame(list(rows))
         if not table.empty and not new.empty:
             new_keys = set(map(tuple, new[list(key)].astype(str).values))
@@ -66,7 +73,9 @@ def _cell(value) -> str:
 
 
 def load_table(csv_path: str | Path) -> pd.DataFrame:
-    return pd.read_csv(csv_path)
+    """A results CSV as written: only an empty cell is missing (an experiment named "NA", "null" or
+    "None" stays that name; pandas' default would read it as a missing value)."""
+    return pd.read_csv(csv_path, keep_default_na=False, na_values=[""])
 
 
 def ci_column(table: pd.DataFrame, col: str) -> list[str]:
@@ -143,9 +152,10 @@ def display_main_table(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def upsert_main_table(rows: list[dict], profile: str = "default") -> pd.DataFrame:
-    """Insert/replace rows of results/main_table.csv and re-render main_table.md (no rows: re-render only)."""
-    return upsert_rows(profile_results_dir(profile) / "main_table.csv", rows, key=MAIN_TABLE_KEY,
+def upsert_main_table(rows: list[dict] | Callable[[], list[dict]], profile: str = "default", replace_all: bool = False) -> pd.DataFrame:
+    """Insert/replace rows of results/main_table.csv and re-render main_table.md (no rows: re-render only;
+    `replace_all`: the table becomes `rows`)."""
+    return upsert_rows(profile_results_dir(profile) / "main_table.csv", rows, key=MAIN_TABLE_KEY, replace_all=replace_all,
                        title="Main results: every regime on the same eval set",
                        note=("One row per experiment, produced by `rag-lab run experiments/<experiment>.yaml` "
                              "(or the notebooks). EM / F1 / answer match with 95% bootstrap CIs (1,000 resamples); "

@@ -34,13 +34,13 @@ from rag_lab.data import DATASETS, Corpus, load_qa
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.data.subsets import corpus_for, corpus_label, eval_set_name, subset_questions
 from rag_lab.generators import build_generator
-from rag_lab.io import (DataError, atomic_dir, clean_orphans, jsonl_bytes, read_checked, read_jsonl, stable_hash,
+from rag_lab.io import (DataError, atomic_dir, check_replaceable, clean_orphans, jsonl_bytes, read_checked, read_jsonl, stable_hash,
                         verified_folder, write_checked, write_json, write_jsonl)
 from rag_lab.metrics import AnswerInPassage, bootstrap_ci, normalize_answer, score_predictions
 from rag_lab.models import ModelNotFoundError, model_fingerprint, resolve_model
 from rag_lab.paths import REPO_ROOT, cache_dir, profile_results_dir
 from rag_lab.pipeline import Contexts, contexts, dense_index
-from rag_lab.results import MAIN_TABLE_KEY, table_row, upsert_main_table
+from rag_lab.results import MAIN_TABLE_KEY, load_table, table_row, upsert_main_table
 from rag_lab.timings import StageTiming, checkpoint_params, decoder_flops, record, training_flops
 from rag_lab.training import (FINAL, QUERY_ENCODER, PassageIndex, Split, TrainSettings, finished, split_train_dev,
                               train_dense_retriever, train_fid, train_generator, train_joint, train_reader)
@@ -200,6 +200,7 @@ def train_stage(cfg: ExperimentConfig, data: RunData, seed: int, show_progress: 
     out, record = training_dir(cfg, seed), training_record(cfg, seed)
     info = finished(out, record)
     if info is None:
+        check_replaceable(out / FINAL, "training.output")  # before training, not at the rename that saves
         stages = REGIMES[cfg.regime]
         examples = split_train_dev(data.train, cfg.training.dev_size, cfg.data.n_train, seed)
         ctx = None
@@ -571,7 +572,7 @@ def main_table_problem(profile: str = "default", pending: Path | None = None) ->
     if not path.exists():
         return f"{path} is missing but {len(folders)} run folders exist" if folders else None
     try:
-        table = pd.read_csv(path)
+        table = load_table(path)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
         return f"{path} is unreadable ({type(e).__name__}: {e})"
     needed = [*MAIN_TABLE_KEY, "regime", "n", "em", "f1", "run"]
@@ -589,21 +590,21 @@ def main_table_problem(profile: str = "default", pending: Path | None = None) ->
 
 def rebuild_main_table(profile: str = "default") -> pd.DataFrame:
     """results/main_table.{csv,md} rebuilt from the complete run folders: per (experiment, eval set)
-    the most recently written folder."""
-    latest: dict[tuple[str, str], tuple[float, dict]] = {}
-    for d in run_folders(profile):
-        if check_run_folder(d) is None:
-            row = row_from_run_folder(d, profile)
-            stamp = (d / "metrics.json").stat().st_mtime
-            key = (row["experiment"], row["eval_set"])
-            if key not in latest or stamp > latest[key][0]:
-                latest[key] = (stamp, row)
-    path = profile_results_dir(profile) / "main_table.csv"
-    for stale in (path, path.with_suffix(".md")):
-        stale.unlink(missing_ok=True)
-    if not latest:  # no complete run folder (another process may have just rebuilt): no table, not an empty one
-        return pd.DataFrame()
-    return upsert_main_table([row for _, row in latest.values()], profile)
+    the most recently written folder. The folders are read and the table replaced in one atomic write,
+    both under the table's lock: a concurrent reader or upsert never finds it missing, and a run that
+    upserts meanwhile waits; no complete run folder: no table, not an empty one."""
+    def latest_rows() -> list[dict]:
+        latest: dict[tuple[str, str], tuple[float, dict]] = {}
+        for d in run_folders(profile):
+            if check_run_folder(d) is None:
+                row = row_from_run_folder(d, profile)
+                stamp = (d / "metrics.json").stat().st_mtime
+                key = (row["experiment"], row["eval_set"])
+                if key not in latest or stamp > latest[key][0]:
+                    latest[key] = (stamp, row)
+        return [row for _, row in latest.values()]
+
+    return upsert_main_table(latest_rows, profile, replace_all=True)
 
 
 def repair_main_table(profile: str = "default", pending: Path | None = None) -> str | None:

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "rag_lab"
 LOW = {"paths", "io", "config", "data", "metrics", "models"}
 # first component of the module (package or top-level module) -> rag_lab parts it may import
 ALLOWED = {
-    "paths": set(), "io": set(), "config": {"paths", "io"},
+    "paths": set(), "io": {"paths"}, "config": {"paths", "io"},
     "data": {"data", "io", "paths", "metrics"}, "metrics": {"data"}, "models": {"paths", "io"},
     "retrievers": {"retrievers", "data", "io", "metrics", "models", "paths", "timings"},
     "generators": {"generators", "config", "data", "io", "metrics", "models", "paths"},

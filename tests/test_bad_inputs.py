@@ -545,3 +545,47 @@ def test_damaged_embeddings_and_faiss_index_are_rebuilt(tmp_path, damage):
         again = DenseRetriever(passages, encoder=encoder, cache_dir=tmp_path / "c", show_progress=False)
     assert again.cache_hit == {"embeddings": False, "index": False}
     assert (again.embeddings == before).all()
+
+
+def test_a_results_csv_keeps_names_that_pandas_would_read_as_missing(tmp_path):
+    from rag_lab.results import load_table, upsert_rows
+
+    path = tmp_path / "table.csv"
+    for name in ("NA", "null", "None", "nan", "NA"):  # the last replaces the first
+        upsert_rows(path, [{"experiment": name, "em": 0.5}], key=["experiment"])
+    assert list(load_table(path)["experiment"]) == ["null", "None", "nan", "NA"]
+
+
+def test_an_experiment_named_na_is_a_table_row_not_a_damaged_table(results, capsys):
+    from rag_lab.results import upsert_main_table
+    from rag_lab.runner import main_table_problem
+
+    row = pd.read_csv(results / "main_table.csv").iloc[0].to_dict()
+    upsert_main_table([{**row, "experiment": "NA"}])
+    assert main_table_problem() is None
+
+
+def test_rebuilding_the_main_table_never_leaves_it_missing(results):
+    import threading
+
+    from rag_lab.runner import rebuild_main_table
+
+    path, done, missing = results / "main_table.csv", threading.Event(), []
+    before = sorted(pd.read_csv(path)["experiment"])
+
+    def rebuild():
+        for _ in range(5):
+            rebuild_main_table()
+        done.set()
+
+    def read():
+        while not done.is_set():
+            if not path.exists():
+                missing.append(1)
+
+    threads = [threading.Thread(target=rebuild), *(threading.Thread(target=read) for _ in range(2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not missing and sorted(pd.read_csv(path)["experiment"]) == before

@@ -33,7 +33,7 @@ from sentence_transformers import SentenceTransformerTrainer, SentenceTransforme
 
 from rag_lab.config import RetrieverTrainingConfig
 from rag_lab.data.records import Passage, QAExample, passage_text
-from rag_lab.io import atomic_dir, write_json, write_manifest
+from rag_lab.io import atomic_dir, check_replaceable, write_json, write_manifest
 from rag_lab.metrics import AnswerInPassage
 from rag_lab.models import load_sentence_encoder
 from rag_lab.training.generator import TRAINING_FILE
@@ -175,6 +175,7 @@ def fit_dense_retriever(encoder, pairs: Sequence[TrainPair], output_dir: str | P
     """
     if not pairs:
         raise ValueError("fit_dense_retriever needs at least one pair")
+    check_replaceable(Path(output_dir))  # before hours of training, not at the rename
     if not 0 <= warmup_ratio < 1:  # transformers reads warmup_steps >= 1 as a step count
         raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
     model = load_sentence_encoder(encoder) if isinstance(encoder, (str, Path)) else encoder
