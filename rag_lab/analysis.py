@@ -269,6 +269,8 @@ def write_findings(lines: list[str], headline: pd.DataFrame | None, profile: str
         cols = ["lens", "metric", "n", "baseline_mean", "system_mean", "diff", "diff_low", "diff_high",
                 "system only right", "baseline only right", "p_mcnemar", "p_bootstrap", "power at n", "n for 80% power"]
         shown = headline[cols].round(4).astype(object)
+        for col in ("p_mcnemar", "p_bootstrap"):  # p-values keep their magnitude: 2.1e-27, not 0
+            shown[col] = [f"{v:.2g}" if pd.notna(v) else "" for v in headline[col]]
         shown["n for 80% power"] = [int(v) if pd.notna(v) else "not reached" for v in headline["n for 80% power"]]
         atomic_write_text(folder / "headline.md", "# The headline pair: qwen_rag vs qwen_closed_book\n\n"
                           + to_markdown(shown) + "\n")
