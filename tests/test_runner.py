@@ -47,7 +47,7 @@ def config(env, **overrides):
 def test_run_writes_folder_predictions_and_table_row(env):
     result = run_experiment(config(env), show_progress=False)
     files = sorted(p.name for p in result.run_dir.iterdir())
-    assert files == ["config.json", "leak_check.json", "metrics.json", "predictions.jsonl", "timings.json", "versions.json"]
+    assert files == [".rag_lab_made", "config.json", "leak_check.json", "metrics.json", "predictions.jsonl", "timings.json", "versions.json"]
     leak = json.loads((result.run_dir / "leak_check.json").read_text())
     assert leak["disjoint"] and leak["held_out_shared"] == [] and leak["eval_questions"] == len(QA)
     rows = [json.loads(l) for l in (result.run_dir / "predictions.jsonl").read_text().splitlines()]

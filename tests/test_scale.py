@@ -266,7 +266,8 @@ def test_lora_rag_finetune_runs_under_accelerate_launch(tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(REPO / "experiments" / "accelerate" / "cpu_2proc.yaml"), "-m", "rag_lab.cli", "run", str(tmp_path / "lora.yaml")]
     proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("[rank0]"))  # the cause, when rank 0 fails
+    assert proc.returncode == 0, (rank0 or proc.stderr)[-3000:]
     assert proc.stdout.count("rag_lora_tiny [default] n=3") == 1  # one report: rank 0's
     (run_dir,) = (tmp_path / "results" / "runs" / "rag_lora_tiny").iterdir()
     training = json.loads((run_dir / "training.json").read_text())["0"]
