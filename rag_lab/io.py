@@ -206,7 +206,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 # ---------------------------------------------------------------- caches that check themselves
 
 MANIFEST = "rag_lab_manifest.json"  # {relative file: [size, sha256]} of a cache folder, written last
-VERIFIED = ".rag_lab_verified.json"  # {relative file: [size, mtime_ns]} when the manifest last checked out
+VERIFIED = ".rag_lab_verified.json"  # size/mtime stamps that earlier versions trusted between processes: ignored now
 
 
 class CacheRepaired(UserWarning):
@@ -277,24 +277,48 @@ def folder_is_intact(folder: Path) -> bool:
     return True
 
 
+_CHECKED_IN_FULL: dict[str, dict[str, list[int]]] = {}  # folder -> its files' [size, mtime_ns] when this process hashed them
+
+
 def verified_folder(folder: Path) -> bool:
-    """`folder_is_intact` for large folders (model weights): the full sha256 check runs when a file's
-    size or mtime differs from the last successful check (a truncated, replaced or rewritten file),
-    otherwise the recorded stamps vouch for it. False (folder deleted) when it fails."""
-    stamps_path = folder / VERIFIED
-    try:
-        stamps = json.loads(stamps_path.read_text(encoding="utf-8"))
-        if stamps and all([(folder / n).stat().st_size, (folder / n).stat().st_mtime_ns] == v for n, v in stamps.items()) \
-                and set(stamps) == set(json.loads((folder / MANIFEST).read_text(encoding="utf-8"))):
-            return True
-    except (OSError, ValueError):
-        pass
+    """`folder_is_intact` for large folders (model weights, indexes, embeddings), at a cost paid once a
+    process: the first use of a folder in each process hashes every file in full against the manifest
+    (a body zeroed with its size and mtime restored is caught by the next process); later uses in the
+    same process re-hash only when a file's size or mtime changed since. False (folder deleted) when
+    it fails."""
+    key = str(Path(folder).resolve())
+    known = _CHECKED_IN_FULL.get(key)
+    if known is not None and known == _stamps(folder, known):
+        return True
+    _CHECKED_IN_FULL.pop(key, None)
     if not folder_is_intact(folder):
         return False
     manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    stamps = {n: [(folder / n).stat().st_size, (folder / n).stat().st_mtime_ns] for n in manifest}
-    atomic_write_text(stamps_path, json.dumps(stamps) + "\n")
+    _CHECKED_IN_FULL[key] = _stamps(folder, [*manifest, MANIFEST])  # the manifest's own stamp too
     return True
+
+
+def verified_digests(folder: Path) -> dict[str, str] | None:
+    """{file: sha256} of a folder this process has verified in full (`verified_folder`) and that has not
+    changed since; None otherwise."""
+    known = _CHECKED_IN_FULL.get(str(Path(folder).resolve()))
+    if known is None or known != _stamps(folder, known):
+        return None
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    return {name: entry[1] for name, entry in manifest.items()}
+
+
+def forget_verified() -> None:
+    """Forget which folders this process has hashed in full: the next use hashes them again, as a new
+    process would (tests; a long-lived process that wants a fresh check)."""
+    _CHECKED_IN_FULL.clear()
+
+
+def _stamps(folder: Path, names) -> dict[str, list[int]] | None:
+    try:
+        return {n: [(folder / n).stat().st_size, (folder / n).stat().st_mtime_ns] for n in names}
+    except OSError:
+        return None
 
 
 def stable_hash(obj) -> str:

@@ -43,7 +43,7 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from rag_lab.io import MANIFEST, UserError, stable_hash, verified_folder, write_manifest
+from rag_lab.io import MANIFEST, UserError, sha256_file, stable_hash, verified_digests, verified_folder, write_manifest
 from rag_lab.paths import cache_dir
 
 # Bump when the layout of the de-quantised cache changes: old caches then count as stale.
@@ -684,27 +684,22 @@ def _finish(model, tokenizer):
 
 # ---------------------------------------------------------------- identity of a checkpoint
 
-_FULL_HASH_LIMIT = 16 << 20  # files above this are hashed by size + their first and last 8 MiB
-
-
 @functools.lru_cache(maxsize=32)
 def _folder_fingerprint(path: str, stamp: tuple) -> str:
+    """sha256 over every file's name, size and full sha256 (an edit anywhere in the weights changes it);
+    the digests come from the manifest when this process has verified the folder in full, else each
+    file is hashed. Cached per process on the files' size and mtime."""
+    digests = verified_digests(Path(path)) or {}
     h = hashlib.sha256()
     for name, size, _ in stamp:
-        h.update(f"{name}\0{size}\0".encode())
-        with open(Path(path) / name, "rb") as f:
-            if size <= _FULL_HASH_LIMIT:
-                h.update(f.read())
-            else:  # weights change everywhere when a model is retrained: both ends suffice, and stay fast
-                h.update(f.read(_FULL_HASH_LIMIT // 2))
-                f.seek(size - _FULL_HASH_LIMIT // 2)
-                h.update(f.read())
+        digest = digests.get(name) or sha256_file(Path(path) / name)
+        h.update(f"{name}\0{size}\0{digest}\0".encode())
     return h.hexdigest()
 
 
 def model_fingerprint(resolved: str | Path) -> str:
-    """A content hash of a local checkpoint folder (retraining into the same path changes it),
-    used in cache keys; for a hub id, the id itself."""
+    """A content hash of a local checkpoint folder (every byte of every weight file: retraining into the
+    same path, or editing one tensor, changes it), used in cache keys; for a hub id, the id itself."""
     path = Path(resolved)
     if not path.is_dir():
         return str(resolved)

@@ -13,8 +13,10 @@ versions) and upserts one row of `results/main_table.{csv,md}`. Profiles other t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import warnings
 import platform
 import subprocess
 import sys
@@ -34,7 +36,7 @@ from rag_lab.data import DATASETS, Corpus, load_qa
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.data.subsets import corpus_for, corpus_label, eval_set_name, subset_questions
 from rag_lab.generators import build_generator
-from rag_lab.io import (DataError, atomic_dir, check_replaceable, clean_orphans, jsonl_bytes, read_checked, read_jsonl, stable_hash,
+from rag_lab.io import (CacheRepaired, DataError, atomic_dir, atomic_write_text, check_replaceable, clean_orphans, jsonl_bytes, read_checked, read_jsonl, stable_hash,
                         verified_folder, write_checked, write_json, write_jsonl)
 from rag_lab.metrics import AnswerInPassage, bootstrap_ci, normalize_answer, score_predictions
 from rag_lab.models import ModelNotFoundError, model_fingerprint, resolve_model
@@ -295,7 +297,7 @@ def generate_stage(cfg: ExperimentConfig, data: RunData, ctx: Contexts | None, m
     generator = build_generator(cfg.generator, data.train, seed=cfg.seed, model_path=model_path)
     # seconds of generation, summed over resumed sessions (loading the model is not counted)
     preds, seconds = _generate_resumable(generator, data.questions, None if ctx is None else ctx.passages,
-                                         partial_path, show_progress, doc_logits(cfg, ctx))
+                                         partial_path, show_progress, doc_logits(cfg, ctx), key=key)
     cost = {"generate_s": None if seconds is None else round(seconds, 2), **generation_cost(generator, preds, model_path)}
     write_json(timing_path, cost)
     write_checked(done_path, jsonl_bytes(preds))
@@ -313,15 +315,51 @@ def generation_cost(generator, preds: list[dict], model_path: str) -> dict:
     return {**counts, "n_params": checkpoint_params(path) if path.is_dir() else None, "precision": generator.precision}
 
 
+def _batch_sha256(key: str, indices: list[int], raws: list, seconds: float | None) -> str:
+    return hashlib.sha256((key + json.dumps({"indices": indices, "raw": raws, "s": seconds}, sort_keys=True,
+                                            ensure_ascii=False)).encode("utf-8")).hexdigest()
+
+
+def _batch_line(key: str, indices: list[int], raws: list, seconds: float | None) -> str:
+    """One batch-log line: the batch and a sha256 over it and the generation key, so a line edited by
+    hand, cut off by a kill or copied from another run's log is never taken for a finished batch."""
+    return json.dumps({"indices": indices, "raw": raws, "s": seconds, "sha256": _batch_sha256(key, indices, raws, seconds)},
+                      ensure_ascii=False) + "\n"
+
+
+def read_batch_log(path: Path, key: str) -> list[dict]:
+    """The batches of a log whose checksum holds; a damaged log is rewritten with those alone, saying so
+    (its other batches are generated again). A line cut off at the end (a kill mid-write) is dropped quietly."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    good, bad = [], []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and row["sha256"] == _batch_sha256(key, row["indices"], row["raw"], row.get("s")) \
+                and line.endswith("\n")
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            good.append((line, row))
+        elif line.strip() and not (i == len(lines) - 1 and not line.endswith("\n")):
+            bad.append(i + 1)
+    if bad or len(good) != len(lines):
+        if bad:
+            warnings.warn(f"{path}: batch log lines {bad[:5]}{' ...' if len(bad) > 5 else ''} fail their checksum: "
+                          "dropped, those batches are generated again", CacheRepaired, stacklevel=2)
+        atomic_write_text(path, "".join(line for line, _ in good))
+    return [row for _, row in good]
+
+
 def _generate_resumable(generator, questions, contexts, partial_path: Path, show_progress: bool,
-                        logits: list[list[float]] | None = None) -> tuple[list[dict], float | None]:
-    """`generator.generate`, logging each finished batch (with its seconds) to `partial_path` and
-    skipping those already logged. Returns the predictions and the seconds all batches took,
-    over every resumed session (None if an old log lacks them)."""
+                        logits: list[list[float]] | None = None, key: str = "") -> tuple[list[dict], float | None]:
+    """`generator.generate`, logging each finished batch (with its seconds and a checksum bound to the
+    generation `key`) to `partial_path` and skipping those already logged. Returns the predictions and
+    the seconds all batches took, over every resumed session (None if an old log lacks them)."""
     done: dict[int, object] = {}
     seconds: list[float | None] = []
-    if partial_path.exists():  # resume: keep every batch that was fully written
-        for _, row in read_jsonl(partial_path):
+    if partial_path.exists():  # resume: keep every batch that was fully written and checks out
+        for row in read_batch_log(partial_path, key):
             done.update(zip(row["indices"], row["raw"]))
             seconds.append(row.get("s"))
     partial_path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,7 +369,7 @@ def _generate_resumable(generator, questions, contexts, partial_path: Path, show
             nonlocal last
             now = time.perf_counter()
             seconds.append(round(now - last, 3))
-            log.write(json.dumps({"indices": indices, "raw": raws, "s": seconds[-1]}, ensure_ascii=False) + "\n")
+            log.write(_batch_line(key, indices, raws, seconds[-1]))
             log.flush()
             os.fsync(log.fileno())
             last = now

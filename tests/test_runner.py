@@ -233,3 +233,56 @@ def test_gold_passage_oracle_reads_the_annotated_passage(env):
     (env / "qa.jsonl").write_text("".join(json.dumps({**q, "gold_passage_id": "Nowhere#9" if q["id"] == "q1" else None}) + "\n" for q in QA))
     with pytest.raises(Exception, match="Nowhere#9"):  # an annotated id the corpus lacks is an error, never skipped
         run_experiment(cfg, show_progress=False)
+
+
+@pytest.mark.parametrize("forge", ["forged-line", "edited-answer", "other-runs-line"])
+def test_a_batch_log_line_that_fails_its_checksum_is_regenerated_not_served(env, monkeypatch, forge):
+    """Issue 22: a forged `{"indices":[0],"raw":["FORGED ANSWER"]}` line used to become a prediction."""
+    from rag_lab.io import CacheRepaired
+
+    cfg = config(env)
+    real = HFGenerator.generate_batch
+    calls = []
+
+    def dies_after_one(self, prompts):
+        if len(calls) == 1:
+            raise KeyboardInterrupt("simulated kill")
+        calls.append(len(prompts))
+        return real(self, prompts)
+
+    monkeypatch.setattr(HFGenerator, "generate_batch", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, show_progress=False)
+    partial = next((env / "cache" / "runs").glob("generate-*/partial.jsonl"))
+    line = json.loads(partial.read_text())
+    if forge == "forged-line":
+        forged = {"indices": [7], "raw": ["FORGED ANSWER"]}
+    elif forge == "edited-answer":
+        forged = {**line, "indices": [7], "raw": ["FORGED ANSWER"]}
+    else:  # a valid line of another generation key
+        forged = {**line, "indices": [7], "raw": ["FORGED ANSWER"], "sha256": "0" * 64}
+    with partial.open("a") as f:
+        f.write(json.dumps(forged) + "\n")
+    monkeypatch.setattr(HFGenerator, "generate_batch", real)
+    with pytest.warns(CacheRepaired, match="fail their checksum"):
+        result = run_experiment(cfg, show_progress=False)
+    preds = [json.loads(x) for x in (result.run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert "FORGED" not in json.dumps(preds)
+    monkeypatch.setenv("RAG_LAB_CACHE", str(env / "cache2"))
+    monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(env / "results2"))
+    clean = run_experiment(cfg, show_progress=False)
+    assert (clean.run_dir / "predictions.jsonl").read_bytes() == (result.run_dir / "predictions.jsonl").read_bytes()
+
+
+def test_a_batch_line_cut_off_by_a_kill_is_dropped_quietly(env, tmp_path):
+    import warnings
+
+    from rag_lab.runner import _batch_line, read_batch_log
+
+    log = tmp_path / "partial.jsonl"
+    whole = _batch_line("k", [0, 1], ["a", "b"], 0.5)
+    log.write_text(whole + whole[:-7])  # the second write cut off mid-line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_batch_log(log, "k") == [json.loads(whole)]
+    assert log.read_text() == whole
