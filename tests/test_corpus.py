@@ -60,6 +60,45 @@ def test_converted_once_then_memory_mapped(tmp_path):
     assert list(file_corpus(path, show_progress=False)) == [PASSAGES[0]]
 
 
+def _rewrite_keeping_size_and_mtime(path, data: bytes) -> None:
+    import os
+
+    st = path.stat()
+    assert len(data) == st.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_source_rewritten_with_size_and_mtime_kept_is_converted_again(tmp_path):
+    """Issue 22: the conversion was keyed on the source's size and mtime, so new content was served the old passages."""
+    from rag_lab.data import corpus as corpus_module
+    from rag_lab.io import forget_verified
+
+    rows = [p.to_dict() for p in PASSAGES]
+    path = write(tmp_path / "c.jsonl", rows, "jsonl")
+    assert list(file_corpus(path, show_progress=False)) == PASSAGES
+    _rewrite_keeping_size_and_mtime(path, path.read_bytes().replace(b"Paris is the capital", b"Lyon! is the capital"))
+    corpus_module._source_sha256.cache_clear(), forget_verified()  # a new process
+    assert "Lyon! is the capital" in file_corpus(path, show_progress=False)[0].text
+
+
+def test_a_damaged_arrow_conversion_is_reported_and_rebuilt(tmp_path):
+    """Issue 22: passages.arrow had no checksum: a same-size edit was served."""
+    from rag_lab.io import CacheRepaired, forget_verified
+
+    path = write(tmp_path / "c.jsonl", [p.to_dict() for p in PASSAGES], "jsonl")
+    file_corpus(path, show_progress=False)
+    (folder,) = (tmp_path / "cache" / "corpus").iterdir()
+    arrow = folder / ARROW_FILE
+    data = arrow.read_bytes()
+    i = data.index(b"Paris is the capital")
+    _rewrite_keeping_size_and_mtime(arrow, data[:i] + b"Lyon! is the capital" + data[i + 20:])
+    forget_verified()  # a new process
+    with pytest.warns(CacheRepaired, match=f"{ARROW_FILE} differs"):
+        again = file_corpus(path, show_progress=False)
+    assert list(again) == PASSAGES
+
+
 def test_chunked_conversion_matches(tmp_path, monkeypatch):
     import rag_lab.data.corpus as corpus_module
 

@@ -14,6 +14,7 @@ manifest. A converted copy is found again by its source's path, size and modific
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from rag_lab.data.loaders import file_rows
 from rag_lab.data.records import Passage, passage_from_row
-from rag_lab.io import DataError, atomic_dir, read_jsonl, stable_hash, write_json
+from rag_lab.io import DataError, atomic_dir, read_jsonl, sha256_file, stable_hash, verified_folder, write_json, write_manifest
 from rag_lab.paths import cache_dir
 
 ARROW_FILE, INFO_FILE = "passages.arrow", "corpus.json"
@@ -181,6 +182,7 @@ def convert_corpus(rows: Iterable[tuple[str, dict[str, Any]]], folder: Path, sou
         _check_unique_ids(table.column("id"), source)
         write_json(tmp / INFO_FILE, {"rows": n, "fingerprint": h.hexdigest(), "source": source, "format": FORMAT})
         del table
+        write_manifest(tmp)  # size and sha256 of passages.arrow and corpus.json: checked at each process's first use
     return Corpus.open(folder)
 
 
@@ -204,16 +206,23 @@ def file_corpus(path: str | Path, show_progress: bool = True) -> Corpus:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     st = path.stat()
-    folder = corpus_folder({"file": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    if (folder / INFO_FILE).is_file():
+    # the source's content, not its size and mtime, names the conversion: a file rewritten with both kept
+    # is converted again (one sha256 pass over the source per process)
+    folder = corpus_folder({"file": str(path.resolve()), "sha256": _source_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)})
+    if verified_folder(folder):  # every file against its manifest at this process's first use; damaged: rebuilt
         return Corpus.open(folder)
     return convert_corpus(file_rows(path), folder, str(path), show_progress)
+
+
+@functools.lru_cache(maxsize=64)
+def _source_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
 
 
 def hub_corpus(hub_id: str, config: str | None = None, split: str = "train", show_progress: bool = True) -> Corpus:
     """A hub dataset with `text` (and `title`, `id`) columns as an Arrow corpus (needs network once)."""
     folder = corpus_folder({"hub": hub_id, "config": config, "split": split})
-    if (folder / INFO_FILE).is_file():
+    if verified_folder(folder):
         return Corpus.open(folder)
     return convert_corpus(_hub_rows(hub_id, config, split), folder, f"hf:{hub_id}" + (f":{config}" if config else ""),
                           show_progress)
