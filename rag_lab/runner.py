@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import warnings
 import platform
@@ -603,8 +604,9 @@ def row_from_run_folder(run_dir: Path, profile: str) -> dict:
 
 def main_table_problem(profile: str = "default", pending: Path | None = None) -> str | None:
     """Why results/main_table.csv cannot be trusted (None: it can): unreadable, a header without
-    the key and metric columns, rows with empty key or metric cells (a truncated file), or no row
-    for a complete run folder."""
+    the key and metric columns, rows with empty key or metric cells (a truncated file), two rows for
+    one (experiment, eval set), a row whose run folder is missing or incomplete or whose cells differ
+    from what that folder gives, or no row for a complete run folder."""
     path = profile_results_dir(profile) / "main_table.csv"
     folders = [d for d in run_folders(profile) if check_run_folder(d) is None and d != pending]
     if not path.exists():
@@ -619,11 +621,40 @@ def main_table_problem(profile: str = "default", pending: Path | None = None) ->
         return f"{path} has no {', '.join(absent)} column"
     if table[needed].isna().any().any():
         return f"{path} has rows with empty key or metric cells (a truncated file?)"
-    have = set(zip(table["experiment"].astype(str), table["eval_set"].astype(str)))
-    lacking = [d for d in folders if (d.parent.name, row_from_run_folder(d, profile)["eval_set"]) not in have]
+    root = profile_results_dir(profile)
+    expected = {d.relative_to(root).as_posix(): row_from_run_folder(d, profile) for d in folders}
+    keys = list(zip(table["experiment"].astype(str), table["eval_set"].astype(str)))
+    if len(set(keys)) < len(keys):
+        twice = next(k for k in keys if keys.count(k) > 1)
+        return f"{path} has {keys.count(twice)} rows for {twice[0]} ({twice[1]})"
+    pending_run = pending.relative_to(root).as_posix() if pending is not None and pending.is_relative_to(root) else None
+    for (experiment, eval_set), record in zip(keys, table.to_dict("records")):
+        run = str(record["run"])
+        if run == pending_run:
+            continue
+        if run not in expected:
+            return f"{path}: the row of {experiment} ({eval_set}) names run folder {run}, which is missing or incomplete"
+        # every cell but the row's seconds (rounded from the run's unrounded total, not from timings.json)
+        differs = [c for c, v in expected[run].items() if c in record and c != "wall_s" and not _same_cell(v, record[c])]
+        if differs:
+            return f"{path}: the row of {experiment} ({eval_set}) differs from its run folder {run} in {', '.join(differs[:4])}"
+    have = set(keys)
+    lacking = [run for run, row in expected.items() if (row["experiment"], row["eval_set"]) not in have]
     if lacking:
-        return f"{path} has no row for {len(lacking)} run folder(s), e.g. {lacking[0]}"
+        return f"{path} has no row for {len(lacking)} run folder(s), e.g. {root / lacking[0]}"
     return None
+
+
+def _same_cell(expected, cell) -> bool:
+    """A table cell read back from the CSV against the value its run folder gives (floats to 1e-9)."""
+    missing = lambda v: v is None or (isinstance(v, float) and math.isnan(v)) or v == ""  # noqa: E731
+    if missing(expected) or missing(cell):
+        return missing(expected) and missing(cell)
+    if isinstance(expected, bool) or isinstance(cell, bool):
+        return str(expected).lower() == str(cell).lower()
+    if isinstance(expected, (int, float)) and isinstance(cell, (int, float, np.integer, np.floating)):
+        return math.isclose(float(expected), float(cell), rel_tol=1e-9, abs_tol=1e-12)
+    return str(expected) == str(cell)
 
 
 def rebuild_main_table(profile: str = "default") -> pd.DataFrame:

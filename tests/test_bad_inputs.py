@@ -385,8 +385,26 @@ def damage_cell_blanked(p: Path) -> None:
     t.to_csv(p, index=False)
 
 
+def damage_row_duplicated(p: Path) -> None:
+    t = pd.read_csv(p)
+    pd.concat([t, t.iloc[[3]]]).to_csv(p, index=False)
+
+
+def damage_em_edited(p: Path) -> None:
+    t = pd.read_csv(p)
+    t.loc[1, "em"] = 0.999
+    t.to_csv(p, index=False)
+
+
+def damage_run_cell_wrong(p: Path) -> None:
+    t = pd.read_csv(p)
+    t.loc[0, "run"] = t.loc[1, "run"]
+    t.to_csv(p, index=False)
+
+
 TABLE_DAMAGE = [damage_empty, damage_header_only, damage_truncated_mid_row, damage_rows_lost, damage_missing,
-                damage_column_dropped, damage_binary, damage_cell_blanked]
+                damage_column_dropped, damage_binary, damage_cell_blanked, damage_row_duplicated, damage_em_edited,
+                damage_run_cell_wrong]
 
 
 @pytest.mark.parametrize("damage", TABLE_DAMAGE, ids=lambda f: "table-" + f.__name__.removeprefix("damage_"))
@@ -402,6 +420,19 @@ def test_a_damaged_main_table_is_detected_and_rebuilt_from_the_run_folders(damag
     rebuilt = pd.read_csv(results / "main_table.csv")
     assert sorted(zip(rebuilt["experiment"], rebuilt["eval_set"], rebuilt["em"], rebuilt["f1"], rebuilt["run"])) == committed_rows()
     assert (results / "main_table.md").read_text() == (COMMITTED / "main_table.md").read_text()
+
+
+def test_a_row_whose_run_folder_is_gone_is_found_and_dropped_by_the_rebuild(results, capsys):
+    import shutil
+
+    from rag_lab.runner import main_table_problem, repair_main_table
+
+    gone = next((results / "runs" / "qwen_rag").iterdir())
+    shutil.rmtree(gone)
+    problem = main_table_problem()
+    assert problem and f"names run folder runs/qwen_rag/{gone.name}, which is missing" in problem
+    assert repair_main_table() == problem and main_table_problem() is None
+    assert sorted(pd.read_csv(results / "main_table.csv")["experiment"]) == sorted(e for e, *_ in committed_rows() if e != "qwen_rag")
 
 
 def test_cli_table_rebuild_and_runs_check(results, capsys):
@@ -557,12 +588,19 @@ def test_a_results_csv_keeps_names_that_pandas_would_read_as_missing(tmp_path):
 
 
 def test_an_experiment_named_na_is_a_table_row_not_a_damaged_table(results, capsys):
-    from rag_lab.results import upsert_main_table
-    from rag_lab.runner import main_table_problem
+    import shutil
 
-    row = pd.read_csv(results / "main_table.csv").iloc[0].to_dict()
-    upsert_main_table([{**row, "experiment": "NA"}])
-    assert main_table_problem() is None
+    from rag_lab.results import upsert_main_table
+    from rag_lab.runner import main_table_problem, rebuild_main_table, row_from_run_folder
+
+    src = next((results / "runs" / "closed_book_zero_shot").iterdir())
+    dst = results / "runs" / "NA" / src.name
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "name": "NA"}))
+    upsert_main_table([row_from_run_folder(dst, "default")])
+    assert main_table_problem() is None  # it used to read NA as an empty key cell and rebuild, forever
+    assert "NA" in list(rebuild_main_table()["experiment"])
 
 
 def test_rebuilding_the_main_table_never_leaves_it_missing(results):
