@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from rag_lab.config import ConfigError, PROFILES, RetrievalStudyConfig, config_help, load_experiment
+from rag_lab.config import (ConfigError, ExperimentConfig, PROFILES, RetrievalStudyConfig, config_help, declared_profiles,
+                             is_study, load_experiment)
 from rag_lab.data import build_nq_mini
 from rag_lab.io import UserError
 from rag_lab.paths import data_dir, profile_results_dir
@@ -108,9 +109,14 @@ def _config_help(args: argparse.Namespace) -> None:
 
 
 def _check_config(args: argparse.Namespace) -> None:
+    """Each file in the profile asked for, or else in every profile it declares (a typo in a smoke block
+    fails here, not when the smoke run reaches it); retrieval studies as studies."""
     for path in args.experiments:
-        cfg = load_experiment(path, profile=args.profile)
-        print(f"ok  {path} [{args.profile}] -> {cfg.name} ({cfg.regime})")
+        cls = RetrievalStudyConfig if is_study(path) else ExperimentConfig
+        for profile in [args.profile] if args.profile else declared_profiles(path):
+            cfg = load_experiment(path, profile=profile, cls=cls)
+            kind = "retrieval study" if cls is RetrievalStudyConfig else cfg.regime
+            print(f"ok  {path} [{profile}] -> {cfg.name} ({kind})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config-help", help="list every experiment config key with its default and help")
     p.set_defaults(func=_config_help)
 
-    p = sub.add_parser("check-config", help="load and validate experiment YAML files")
+    p = sub.add_parser("check-config", help="load and validate experiment YAML files (every profile each declares, "
+                                            "unless --profile names one)")
     p.add_argument("experiments", nargs="+", type=Path)
-    p.add_argument("--profile", choices=PROFILES, default="default")
+    p.add_argument("--profile", choices=PROFILES, default=None)
     p.set_defaults(func=_check_config)
     return ap
 

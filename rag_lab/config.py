@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import string
 import types
@@ -119,6 +120,11 @@ class RetrieverConfig:
             raise ConfigError(f"retriever.temperature must be positive, got {self.temperature}")
         if self.k <= 0:
             raise ConfigError(f"retriever.k must be positive, got {self.k}")
+        if self.k1 <= 0 or not 0.0 <= self.b <= 1.0:  # k1 <= 0 scores every passage 0
+            raise ConfigError(f"retriever.k1 must be positive and retriever.b in [0, 1], got k1={self.k1}, b={self.b}")
+        for key in ("rrf_k", "encode_batch_size", "max_length"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"retriever.{key} must be positive, got {getattr(self, key)}")
         if not 0.0 <= self.dense_weight <= 1.0:
             raise ConfigError(f"retriever.dense_weight must be in [0, 1], got {self.dense_weight}")
 
@@ -235,6 +241,13 @@ class TrainingConfig:
             raise ConfigError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.dev_size < 0 or self.eval_steps <= 0:
             raise ConfigError("training.dev_size must be >= 0 and training.eval_steps > 0")
+        if self.lora_r <= 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"training.lora_r and lora_alpha must be positive and lora_dropout in [0, 1), got "
+                              f"{self.lora_r}, {self.lora_alpha}, {self.lora_dropout}")
+        if self.patience < 0 or self.weight_decay < 0:
+            raise ConfigError(f"training.patience and weight_decay must be >= 0, got {self.patience}, {self.weight_decay}")
+        if any(s < 0 for s in self.seeds) or len(set(self.seeds)) < len(self.seeds):
+            raise ConfigError(f"training.seeds must be distinct non-negative integers, got {self.seeds}")
 
 
 ORACLE_RETRIEVERS = ("gold", "oracle")  # they read the answers or the annotation: regime oracle only
@@ -280,6 +293,13 @@ class ExperimentConfig:
                               "(fine-tuned regimes end in _ft and set training.enabled: true)")
         if self.regime == "reader" and self.generator.kind != "extractive":
             raise ConfigError("regime 'reader' needs generator.kind: extractive")
+        if self.generator.combine != "concat" and not uses_retrieval:
+            raise ConfigError(f"generator.combine: {self.generator.combine} reads retrieved passages; regime "
+                              f"'{self.regime}' is closed-book: use combine: concat")
+        if self.generator.combine in ("rag_sequence", "rag_token") and self.retriever.kind != "dense":
+            raise ConfigError(f"generator.combine: {self.generator.combine} weighs passages by softmax(score / "
+                              f"retriever.temperature), which expects cosine similarities; {self.retriever.kind} scores "
+                              "would give one-hot weights: use retriever.kind: dense, or combine: concat")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -404,6 +424,8 @@ def from_dict(cls: type, data: Any, where: str = "", section: str = ""):
             kwargs[key] = {str(k): from_dict(typing.get_args(tp)[1], v or {}, where, f"{keypath}.{k}") for k, v in value.items()}
         elif not _type_ok(value, tp):
             raise ConfigError(f"{where}: '{keypath}' = {value!r} is not of type {_type_name(tp)}")
+        elif isinstance(value, float) and not math.isfinite(value):  # YAML's .nan and .inf pass every comparison check
+            raise ConfigError(f"{where}: '{keypath}' = {value!r} is not a finite number")
         else:
             kwargs[key] = float(value) if tp is float else value
     try:
@@ -474,6 +496,18 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be a path to another YAML file")
     return _deep_merge(_read_with_bases(path.parent / base, seen + (path.resolve(),)), raw)
+
+
+def declared_profiles(path: str | Path) -> list[str]:
+    """"default" and every profile the file (or a file it is based on) writes a block for."""
+    raw = _read_with_bases(Path(path))
+    profiles = raw.get("profiles") or {}
+    return ["default", *(p for p in PROFILES if p != "default" and isinstance(profiles, dict) and p in profiles)]
+
+
+def is_study(path: str | Path) -> bool:
+    """A retrieval study (`rag-lab retrieval`), not an experiment: it names retrievers to compare."""
+    return "retrievers" in _read_with_bases(Path(path))
 
 
 def load_experiment(path: str | Path, profile: str = "default", cls: type = ExperimentConfig):

@@ -168,6 +168,24 @@ CONFIG_CASES = [
          ConfigError, "ks must be positive and <= depth (5)"),
     Case("study-duplicate-retriever", text("r.yaml", "retrievers:\n  bm25: {kind: bm25}\n  bm25: {kind: dense}\n"),
          study, ConfigError, "r.yaml:3: duplicate key 'bm25'"),
+    # issue 22: values out of range that used to be accepted (and run wrong) or fail deep inside a library
+    Case("bm25-k1-negative", text("x.yaml", "regime: rag\nretriever: {kind: bm25, k1: -5}\n"), experiment, ConfigError, "retriever.k1 must be positive"),
+    Case("bm25-b-above-one", text("x.yaml", "regime: rag\nretriever: {kind: bm25, b: 1.5}\n"), experiment, ConfigError, "retriever.b in [0, 1]"),
+    Case("rrf-k-zero", text("x.yaml", "regime: rag\nretriever: {kind: bm25, rrf_k: 0}\n"), experiment, ConfigError, "retriever.rrf_k must be positive"),
+    Case("encode-batch-zero", text("x.yaml", "regime: rag\nretriever: {kind: bm25, encode_batch_size: 0}\n"), experiment, ConfigError,
+         "retriever.encode_batch_size must be positive"),
+    Case("temperature-nan", text("x.yaml", "regime: rag\nretriever: {kind: dense, temperature: .nan}\n"), experiment,
+         ConfigError, "'retriever.temperature' = nan is not a finite number"),
+    Case("learning-rate-inf", text("x.yaml", "regime: closed_book_ft\ntraining: {enabled: true, learning_rate: .inf}\n"), experiment, ConfigError,
+         "'training.learning_rate' = inf is not a finite number"),
+    Case("lora-r-zero", text("x.yaml", "regime: closed_book_ft\ntraining: {enabled: true, lora_r: 0}\n"), experiment, ConfigError, "training.lora_r and lora_alpha must be positive"),
+    Case("seeds-repeated", text("x.yaml", "regime: closed_book_ft\ntraining: {enabled: true, seeds: [1, 1]}\n"), experiment, ConfigError, "training.seeds must be distinct"),
+    Case("seeds-negative", text("x.yaml", "regime: closed_book_ft\ntraining: {enabled: true, seeds: [-1]}\n"), experiment, ConfigError, "training.seeds must be distinct"),
+    Case("patience-negative", text("x.yaml", "regime: closed_book_ft\ntraining: {enabled: true, patience: -1}\n"), experiment, ConfigError, "training.patience and weight_decay"),
+    Case("rag-sequence-over-bm25", text("x.yaml", "regime: rag\nretriever: {kind: bm25, k: 5}\ngenerator: {combine: rag_sequence}\n"), experiment,
+         ConfigError, "expects cosine similarities; bm25 scores would give one-hot weights"),
+    Case("rag-token-closed-book", text("x.yaml", "regime: closed_book\ngenerator: {combine: rag_token}\n"), experiment,
+         ConfigError, "regime 'closed_book' is closed-book: use combine: concat"),
 ]
 
 DATA_CASES = [
@@ -627,3 +645,18 @@ def test_rebuilding_the_main_table_never_leaves_it_missing(results):
     for t in threads:
         t.join()
     assert not missing and sorted(pd.read_csv(path)["experiment"]) == before
+
+
+def test_check_config_checks_every_profile_a_file_declares(tmp_path, capsys):
+    """Issue 22: `check-config` passed a file whose smoke profile had a typo (only default was loaded)."""
+    path = tmp_path / "x.yaml"
+    path.write_text("regime: closed_book\nprofiles:\n  smoke:\n    generator: {batchsize: 4}\n")
+    code, out = run_cli(["check-config", str(path)], capsys)
+    assert code == 2 and "unknown key 'generator.batchsize'" in out
+    code, out = run_cli(["check-config", "--profile", "default", str(path)], capsys)
+    assert code == 0 and "[default]" in out
+
+
+def test_check_config_reads_a_retrieval_study_as_a_study(capsys):
+    code, out = run_cli(["check-config", str(COMMITTED.parent / "experiments" / "retrieval.yaml")], capsys)
+    assert code == 0 and "[smoke]" in out and "[extended]" in out and "(retrieval study)" in out
