@@ -22,6 +22,7 @@ import platform
 import subprocess
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -148,6 +149,16 @@ def data_stage(cfg: ExperimentConfig) -> RunData:
     return RunData(questions, train, passages, leak_check)
 
 
+_TYPOGRAPHIC = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'", "\u201c": '"',
+                              "\u201d": '"', "\u201e": '"', "\u2033": '"', "\u2013": "-", "\u2014": "-", "\u2212": "-"})
+
+
+def question_key(question: str) -> str:
+    """A question's text as the leak guard compares it: Unicode NFKC, typographic quotes and dashes as ASCII
+    (’ and ' are the same question), then the SQuAD normalisation."""
+    return normalize_answer(unicodedata.normalize("NFKC", question).translate(_TYPOGRAPHIC))
+
+
 def leak_guard(cfg: ExperimentConfig, questions: list[QAExample], train: list[QAExample]) -> tuple[list[QAExample], dict]:
     """The train pool (demonstrations and training questions are drawn from it) made disjoint from
     the eval questions, and the record of the check (written to the run folder as leak_check.json).
@@ -155,8 +166,8 @@ def leak_guard(cfg: ExperimentConfig, questions: list[QAExample], train: list[QA
     A question is shared when its id or its normalised text is. For a file dataset a shared question
     is an error that counts them; a registered benchmark keeps its published splits, whose few
     shared questions (NQ-open's train and dev share some) are held out of the pool and listed."""
-    eval_ids, eval_texts = {q.id for q in questions}, {normalize_answer(q.question) for q in questions}
-    shared = [q for q in train if q.id in eval_ids or normalize_answer(q.question) in eval_texts]
+    eval_ids, eval_texts = {q.id for q in questions}, {question_key(q.question) for q in questions}
+    shared = [q for q in train if q.id in eval_ids or question_key(q.question) in eval_texts]
     if shared and cfg.data.dataset not in DATASETS:
         raise DataError(f"data.train_split {cfg.data.train_split} and data.dataset {cfg.data.dataset} share {len(shared)} "
                         f"question(s) (same id or same normalised text), e.g. {shared[0].id!r}: {shared[0].question!r}; "

@@ -316,6 +316,14 @@ CLI_CASES = [  # (id, files to write, argv, exit code, fragment of the one line)
                                            "generator: {n_few_shot: 1}\n", "qa.jsonl": json.dumps(Q) + "\n",
                                  "t.jsonl": json.dumps(dict(Q, id="t9", question="Who wrote Hamlet?")) + "\n"},
      ["run", "{d}/x.yaml"], 2, "share 1 question(s)"),
+    ("leak-typographic-quote", {"x.yaml": "regime: closed_book\ndata: {dataset: '{d}/qa.jsonl', train_split: '{d}/t.jsonl'}\n"
+                                          "generator: {n_few_shot: 1}\n",
+                                "qa.jsonl": json.dumps(dict(Q, question="who wrote hamlet's play")) + "\n",
+                                "t.jsonl": json.dumps(dict(Q, id="t9", question="Who wrote Hamlet\u2019s play?")) + "\n"},
+     ["run", "{d}/x.yaml"], 2, "share 1 question(s)"),
+    ("qa-id-a-list", {"x.yaml": "regime: closed_book\ndata: {dataset: '{d}/qa.jsonl', train_split: '{d}/t.jsonl'}\n",
+                      "qa.jsonl": json.dumps(dict(Q, id=[1, 2])) + "\n", "t.jsonl": json.dumps(dict(Q, id="t9", question="x")) + "\n"},
+     ["run", "{d}/x.yaml"], 2, "qa.jsonl:1: 'id' must be a string or an integer, got list [1, 2]"),
     ("leak-fine-tuning-from-eval-file", {"x.yaml": "regime: closed_book_ft\ntraining: {enabled: true}\n"
                                                    "data: {dataset: '{d}/qa.jsonl'}\n", "qa.jsonl": json.dumps(Q) + "\n"},
      ["run", "{d}/x.yaml"], 2, "must be a file too"),

@@ -147,3 +147,10 @@ def test_nq_mini_goes_through_arrow():
     assert list(corpus.rows_of(list(ids))) == [0, 100, 126180]
     vital = load_corpus("nq-mini-vital")  # NQ-mini 1's corpus: the first 12,324 rows, zero-copy
     assert len(vital) == 12324 and vital.ids_at(np.array([12323])) == corpus.ids_at(np.array([12323]))
+
+
+def test_a_tsv_whose_header_starts_with_a_byte_order_mark_keeps_its_ids(tmp_path):
+    """Issue 22: "\\ufeffid" was not "id", so every passage got its row number as id."""
+    path = write(tmp_path / "c.tsv", [p.to_dict() for p in PASSAGES], "tsv")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [p.id for p in file_corpus(path, show_progress=False)] == [p.id for p in PASSAGES]

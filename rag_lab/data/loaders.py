@@ -43,8 +43,10 @@ def file_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield f"{path}: row {n}", row
                 n += 1
     elif name.endswith((".tsv", ".tsv.gz")):  # DPR's psgs_w100.tsv: a header line (id, text, title), then rows
-        with (gzip.open(path, "rt", encoding="utf-8", newline="") if name.endswith(".gz")
-              else open(path, encoding="utf-8", newline="")) as f:
+        # utf-8-sig: a byte-order mark before the header is dropped (it used to turn "id" into "\ufeffid",
+        # so every passage got its row number as id)
+        with (gzip.open(path, "rt", encoding="utf-8-sig", newline="") if name.endswith(".gz")
+              else open(path, encoding="utf-8-sig", newline="")) as f:
             reader = csv.reader(f, delimiter="\t")
             header = next(reader, None)
             if not header or "text" not in header:

@@ -110,6 +110,8 @@ def _row_id(row: dict[str, Any], where: str, default_id: str) -> str:
     value = _null_to_none(row["id"])
     if value is None or str(value).strip() == "":
         raise DataError(f"{where}: 'id' is null or empty")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, np.integer, np.floating)):
+        raise DataError(f"{where}: 'id' must be a string or an integer, got {type(value).__name__} {value!r}")
     if isinstance(value, float) and value.is_integer():  # pandas reads an int column with a null as floats
         value = int(value)
     return str(value)
