@@ -60,6 +60,12 @@ def _run(args: argparse.Namespace) -> None:
 def _index(args: argparse.Namespace) -> None:
     from rag_lab.indexing import index_experiment, parse_shard  # why: loads torch and transformers (seconds)
 
+    if args.ray and args.workers < 1:  # 0 workers used to mean "in-process", quietly
+        raise ConfigError(f"--workers {args.workers}: --ray needs at least one worker")
+    if args.ray and args.shards is not None and args.shards < 1:
+        raise ConfigError(f"--shards {args.shards}: needs at least one shard")
+    if args.gpus_per_worker < 0:
+        raise ConfigError(f"--gpus-per-worker {args.gpus_per_worker}: must be >= 0")
     cfg = load_experiment(args.experiment, profile=args.profile)
     for line in index_experiment(cfg, parse_shard(args.shard) if args.shard else None, args.workers if args.ray else 0,
                                  args.shards, args.gpus_per_worker, args.address, args.profile):

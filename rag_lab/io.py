@@ -97,14 +97,16 @@ def clean_orphans(root: Path) -> list[Path]:
     """Delete the temporaries under `root` that a killed process left (its pid is no longer alive);
     those of live processes (a concurrent run) are left alone. Returns what was deleted."""
     removed = []
-    if not Path(root).exists():
-        return removed
-    for path in sorted(Path(root).rglob(f".*.{TMP_MARK}*")):
-        match = _TMP.match(path.name)
-        if match and not _alive(int(match.group(1))) and path.exists():
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
+    # os.walk, not rglob: another process may replace or delete a folder while this one walks (it is skipped)
+    for folder, dirs, files in os.walk(root, onerror=lambda error: None):
+        for name in sorted([*dirs, *files]):
+            match = _TMP.match(name) if name.startswith(".") and TMP_MARK in name else None
+            path = Path(folder) / name
+            if match and not _alive(int(match.group(1))) and path.exists():
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                removed.append(path)
+        dirs[:] = [d for d in dirs if (Path(folder) / d).exists()]  # a removed temporary is not walked into
+    return sorted(removed)
 
 
 def _alive(pid: int) -> bool:

@@ -180,10 +180,18 @@ def leak_guard(cfg: ExperimentConfig, questions: list[QAExample], train: list[QA
 
 # ---------------------------------------------------------------- stage 2: contexts
 
+def check_k(cfg: ExperimentConfig, passages) -> None:
+    """retriever.k no larger than the corpus it searches (FAISS pads with -1, bm25s refuses: say it first)."""
+    if cfg.retriever.k > len(passages):
+        raise ConfigError(f"retriever.k = {cfg.retriever.k} is larger than the corpus ({len(passages)} passages, "
+                          f"{corpus_label(cfg.data)}): lower retriever.k or raise data.n_corpus")
+
+
 def contexts_stage(cfg: ExperimentConfig, data: RunData, show_progress: bool, profile: str = "default") -> Contexts | None:
     """The top-k passages of every eval question (None for closed-book regimes)."""
     if not REGIMES[cfg.regime].contexts:
         return None
+    check_k(cfg, data.passages)
     (ctx,) = contexts(cfg.retriever, data.passages, cfg.retriever.k, data.questions, show_progress=show_progress,
                       corpus_label=corpus_label(cfg.data), profile=profile)
     return ctx
@@ -220,6 +228,7 @@ def train_stage(cfg: ExperimentConfig, data: RunData, seed: int, show_progress: 
         ctx = None
         if stages.contexts:  # the corpus keeps the training questions' answers (smoke profiles cut it)
             passages = corpus_for(cfg.data, examples.train + examples.dev)
+            check_k(cfg, passages)
             label = corpus_label(cfg.data) + (" (kept for the training questions)" if cfg.data.n_corpus else "")
             if stages.trains_query_encoder:
                 ctx = passage_index(cfg.retriever, passages, show_progress)
@@ -469,7 +478,8 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     only the main one evaluates and returns the result (the others return None).
     """
     t0 = time.perf_counter()
-    for root in (profile_results_dir(profile), cache_dir("runs")):  # what killed runs left half-written
+    # what killed runs left half-written: run folders, generation stages, indexes and embeddings, checkpoints, corpora
+    for root in (profile_results_dir(profile), *(cache_dir(kind) for kind in ("runs", "retrieval", "train", "corpus"))):
         clean_orphans(root)
     timings, compute = {}, {}  # this run's seconds; the seconds each stage took when it was computed
     stages = REGIMES[cfg.regime]

@@ -328,6 +328,14 @@ CLI_CASES = [  # (id, files to write, argv, exit code, fragment of the one line)
                                                    "data: {dataset: '{d}/qa.jsonl'}\n", "qa.jsonl": json.dumps(Q) + "\n"},
      ["run", "{d}/x.yaml"], 2, "must be a file too"),
     ("cli-ok-check", {"x.yaml": "regime: closed_book\n"}, ["check-config", "{d}/x.yaml"], 0, "ok "),
+    ("cli-ray-zero-workers", {"x.yaml": "regime: rag\nretriever: {kind: dense}\n"},
+     ["index", "{d}/x.yaml", "--ray", "--workers", "0"], 2, "--workers 0: --ray needs at least one worker"),
+    ("cli-k-past-the-corpus", {"x.yaml": "regime: rag\nretriever: {kind: bm25, k: 9}\n"
+                                         "data: {dataset: '{d}/qa.jsonl', train_split: '{d}/t.jsonl', corpus: '{d}/c.jsonl'}\n"
+                                         "generator: {model: smollm2-135m-instruct}\n",
+                               "qa.jsonl": json.dumps(Q) + "\n", "t.jsonl": json.dumps(dict(Q, id="t9", question="x")) + "\n",
+                               "c.jsonl": json.dumps(P) + "\n"},
+     ["run", "{d}/x.yaml"], 2, "retriever.k = 9 is larger than the corpus (1 passages"),
 ]
 
 
@@ -521,6 +529,25 @@ def test_orphan_temporaries_of_dead_processes_are_cleaned_live_ones_kept(tmp_pat
     live.write_text("being written")
     assert sorted(clean_orphans(tmp_path)) == sorted([dead, dead_dir])
     assert live.exists() and not dead.exists() and not dead_dir.exists()
+
+
+def test_a_run_cleans_what_a_killed_dense_encoding_left_in_the_retrieval_cache(tmp_path, monkeypatch):
+    """Issue 22: a killed encoding's temporary folder stayed in cache/retrieval forever (only results/ and
+    cache/runs were cleaned)."""
+    import test_runner  # its tiny decoder, QA file and corpus
+    from rag_lab.io import TMP_MARK
+    from rag_lab.runner import run_experiment
+
+    monkeypatch.setenv("RAG_LAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(tmp_path / "results"))
+    left = tmp_path / "cache" / "retrieval" / "emb-abc" / f".rows-0-100.{TMP_MARK}999999997.z"
+    left.mkdir(parents=True)
+    (left / "emb.npy").write_bytes(b"half an array")
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test_runner.QA))
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test_runner.CORPUS))
+    test_runner.make_tiny_causal_lm(tmp_path / "model")
+    run_experiment(test_runner.config(tmp_path), show_progress=False)
+    assert not left.exists()
 
 
 def test_the_leak_guard_holds_out_a_registered_benchmarks_shared_questions():
