@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from rag_lab.config import (ConfigError, ExperimentConfig, PROFILES, RetrievalSt
                              is_study, load_experiment)
 from rag_lab.data import build_nq_mini
 from rag_lab.io import UserError
-from rag_lab.paths import data_dir, profile_results_dir
+from rag_lab.paths import REPO_ROOT, data_dir, profile_results_dir
 from rag_lab.readme import update_readme
 
 
@@ -44,17 +45,40 @@ def _retrieval(args: argparse.Namespace) -> None:
     print(result.table.to_string(index=False, max_colwidth=40))
 
 
+def user_results_dir(args: argparse.Namespace) -> Path:
+    """Where `rag-lab run` writes: --results-dir; else $RAG_LAB_RESULTS_DIR; else --committed: the repository's
+    results/ (what `make reproduce` writes and the README shows); else results/user/ (git-ignored), so a
+    researcher's own rows never land in the shipped tables unless asked."""
+    if args.results_dir:
+        return args.results_dir
+    if os.environ.get("RAG_LAB_RESULTS_DIR"):
+        return Path(os.environ["RAG_LAB_RESULTS_DIR"])
+    return REPO_ROOT / "results" if args.committed else REPO_ROOT / "results" / "user"
+
+
 def _run(args: argparse.Namespace) -> None:
     from rag_lab.runner import run_experiment  # why: loads torch and transformers (seconds)
 
-    for path in args.experiments:
-        cfg = load_experiment(path, profile=args.profile)
-        result = run_experiment(cfg, profile=args.profile)
-        if result is None:  # a non-main process of a multi-process launch: the main one reports
-            continue
-        m = result.metrics["all"]
-        print(f"{cfg.name} [{args.profile}] n={m['n']}: EM {m['em']['mean']:.3f}  F1 {m['f1']['mean']:.3f}  "
-              f"match {m['match']['mean']:.3f}  ({result.timings['wall_s']:.0f} s) -> {result.run_dir}")
+    if args.results_dir and args.committed:
+        raise ConfigError("--results-dir and --committed: give one")
+    configs = [load_experiment(path, profile=args.profile, overrides=args.set) for path in args.experiments]
+    before = os.environ.get("RAG_LAB_RESULTS_DIR")
+    os.environ["RAG_LAB_RESULTS_DIR"] = str(user_results_dir(args))  # for this command only (restored below)
+    try:
+        print(f"results -> {profile_results_dir(args.profile)}" + ("" if args.committed or args.results_dir or before else
+              "  (your own folder; --committed writes the repository's tables)"))
+        for cfg in configs:
+            result = run_experiment(cfg, profile=args.profile)
+            if result is None:  # a non-main process of a multi-process launch: the main one reports
+                continue
+            m = result.metrics["all"]
+            print(f"{cfg.name} [{args.profile}] n={m['n']}: EM {m['em']['mean']:.3f}  F1 {m['f1']['mean']:.3f}  "
+                  f"match {m['match']['mean']:.3f}  ({result.timings['wall_s']:.0f} s) -> {result.run_dir}")
+    finally:
+        if before is None:
+            os.environ.pop("RAG_LAB_RESULTS_DIR", None)
+        else:
+            os.environ["RAG_LAB_RESULTS_DIR"] = before
 
 
 def _index(args: argparse.Namespace) -> None:
@@ -145,9 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=PROFILES, default="default")
     p.set_defaults(func=_retrieval)
 
-    p = sub.add_parser("run", help="run experiments: retrieve -> generate -> score; upsert results/main_table.*")
+    p = sub.add_parser("run", help="run experiments: retrieve -> generate -> score; upsert the main table of "
+                                   "results/user/ (--committed: the repository's results/)")
     p.add_argument("experiments", nargs="+", type=Path)
     p.add_argument("--profile", choices=PROFILES, default="default")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value (YAML value), e.g. --set retriever.k=10; repeatable; recorded in "
+                        "the run's config.json")
+    p.add_argument("--results-dir", type=Path, default=None, help="write the tables and run folders here")
+    p.add_argument("--committed", action="store_true",
+                   help="write into the repository's results/ (the shipped tables), as make reproduce does")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("index", help="build an experiment's retrieval index ahead of its run (sharded, or on Ray)")

@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 
@@ -510,8 +510,25 @@ def is_study(path: str | Path) -> bool:
     return "retrievers" in _read_with_bases(Path(path))
 
 
-def load_experiment(path: str | Path, profile: str = "default", cls: type = ExperimentConfig):
-    """Load an experiment YAML (yaml.safe_load) and apply the overrides of `profile`.
+def parse_override(text: str) -> dict:
+    """`section.key=value` (the value read as YAML: 10, true, [1, 2], a string) as a nested dict."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"--set {text!r}: write KEY=VALUE, e.g. --set retriever.k=10")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    out: Any = parsed
+    for part in reversed(key.strip().split(".")):
+        out = {part: out}
+    return out
+
+
+def load_experiment(path: str | Path, profile: str = "default", cls: type = ExperimentConfig,
+                    overrides: Sequence[str] = ()):
+    """Load an experiment YAML (yaml.safe_load) and apply the overrides of `profile`, then `overrides`
+    (command-line `--set key=value`, applied last and validated like the file; the run's config.json records them).
 
     `base: other.yaml` merges this file over another (shared settings live once);
     `profiles:` maps a profile name (smoke / default / full) to a partial config; the
@@ -526,7 +543,10 @@ def load_experiment(path: str | Path, profile: str = "default", cls: type = Expe
         raise ConfigError(f"{path}: 'profiles' keys must be among {', '.join(PROFILES)}, got {list(profiles)}")
     raw.setdefault("name", path.stem)
     merged = _deep_merge(raw, profiles.get(profile) or {})
-    return resolve_paths(from_dict(cls, merged, where=str(path)))
+    for text in overrides:
+        merged = _deep_merge(merged, parse_override(text))
+    where = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    return resolve_paths(from_dict(cls, merged, where=where))
 
 
 def resolve_paths(cfg):

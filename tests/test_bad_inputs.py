@@ -695,3 +695,38 @@ def test_check_config_checks_every_profile_a_file_declares(tmp_path, capsys):
 def test_check_config_reads_a_retrieval_study_as_a_study(capsys):
     code, out = run_cli(["check-config", str(COMMITTED.parent / "experiments" / "retrieval.yaml")], capsys)
     assert code == 0 and "[smoke]" in out and "[extended]" in out and "(retrieval study)" in out
+
+
+def _tiny_run_config(tmp_path) -> Path:
+    import test_runner  # its tiny decoder, QA file and corpus
+
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test_runner.QA))
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test_runner.CORPUS))
+    (tmp_path / "train.jsonl").write_text(json.dumps({"id": "t0", "question": "who painted the wall", "answers": ["x"]}) + "\n")
+    test_runner.make_tiny_causal_lm(tmp_path / "model")
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"regime: rag\nretriever: {{kind: bm25, k: 2, stopwords: null, stemmer: null}}\n"
+                    f"data: {{dataset: {tmp_path}/qa.jsonl, train_split: {tmp_path}/train.jsonl, corpus: {tmp_path}/corpus.jsonl}}\n"
+                    f"generator: {{model: {tmp_path}/model, batch_size: 4, max_new_tokens: 3, use_chat_template: false}}\n")
+    return path
+
+
+def test_a_users_run_goes_to_results_user_and_records_its_overrides(tmp_path, capsys, monkeypatch):
+    """Issue 22, item 6: `rag-lab run` wrote into the committed tables; `--set` did not exist."""
+    from rag_lab import cli
+
+    monkeypatch.delenv("RAG_LAB_RESULTS_DIR", raising=False)  # restored after the test, whatever the CLI sets
+    monkeypatch.setenv("RAG_LAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli, "REPO_ROOT", tmp_path / "repo")
+    path = _tiny_run_config(tmp_path)
+    code, out = run_cli(["run", str(path), "--set", "retriever.k=1", "--set", "generator.max_new_tokens=2"], capsys)
+    assert code == 0 and "results/user" in out, out
+    user = tmp_path / "repo" / "results" / "user"
+    (run,) = (user / "runs" / "mine").iterdir()
+    config = json.loads((run / "config.json").read_text())
+    assert config["retriever"]["k"] == 1 and config["generator"]["max_new_tokens"] == 2
+    assert (user / "main_table.csv").exists() and not (tmp_path / "repo" / "results" / "main_table.csv").exists()
+    code, out = run_cli(["run", str(path), "--committed"], capsys)
+    assert code == 0 and (tmp_path / "repo" / "results" / "main_table.csv").exists()
+    code, out = run_cli(["run", str(path), "--set", "retriever.kk=1"], capsys)
+    assert code == 2 and "unknown key 'retriever.kk'" in out and "--set retriever.kk=1" in out
