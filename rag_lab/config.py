@@ -546,7 +546,19 @@ def load_experiment(path: str | Path, profile: str = "default", cls: type = Expe
     for text in overrides:
         merged = _deep_merge(merged, parse_override(text))
     where = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
-    return resolve_paths(from_dict(cls, merged, where=where))
+    return resolve_paths(beside_config(from_dict(cls, merged, where=where), path.parent))
+
+
+def beside_config(cfg, folder: Path):
+    """Data files named by a relative path that exists beside the config file, not in the working
+    directory, read from there (`data.dataset: qa.jsonl` next to the YAML works from any folder)."""
+    data = getattr(cfg, "data", None)
+    if data is None:
+        return cfg
+    moved = {key: str((folder / value).resolve()) for key in ("dataset", "corpus", "train_split")
+             if (value := getattr(data, key)) and not Path(value).is_absolute() and not Path(value).exists()
+             and (folder / value).is_file()}
+    return dataclasses.replace(cfg, data=dataclasses.replace(data, **moved)) if moved else cfg
 
 
 def resolve_paths(cfg):

@@ -730,3 +730,18 @@ def test_a_users_run_goes_to_results_user_and_records_its_overrides(tmp_path, ca
     assert code == 0 and (tmp_path / "repo" / "results" / "main_table.csv").exists()
     code, out = run_cli(["run", str(path), "--set", "retriever.kk=1"], capsys)
     assert code == 2 and "unknown key 'retriever.kk'" in out and "--set retriever.kk=1" in out
+
+
+def test_a_relative_dataset_path_is_read_beside_the_config_and_a_missing_file_is_never_a_hub_id(tmp_path, monkeypatch):
+    """Issue 22, item 6: `data.dataset: data/my.jsonl` run from another folder went to the hub as a dataset id."""
+    from rag_lab.data import load_qa
+
+    folder = tmp_path / "exp"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "my.jsonl").write_text(json.dumps(Q) + "\n")
+    (folder / "x.yaml").write_text("regime: closed_book\ndata: {dataset: data/my.jsonl}\n")
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    cfg = load_experiment(folder / "x.yaml")
+    assert cfg.data.dataset == str(folder / "data" / "my.jsonl") and load_qa(cfg.data.dataset)[0].id == "q1"
+    with pytest.raises(DataError, match="data.dataset data/other.jsonl: no such file"):
+        load_qa("data/other.jsonl")

@@ -16,9 +16,11 @@ from typing import Protocol
 
 from rag_lab.data import nq_mini
 from rag_lab.data.corpus import Corpus, file_corpus, hub_corpus
-from rag_lab.data.loaders import load_hub_qa, load_qa_file
+from rag_lab.data.loaders import SUFFIXES, load_hub_qa, load_qa_file
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.io import DataError
+
+FILE_SUFFIXES = (*SUFFIXES, ".csv", ".txt")  # names that are files, never hub ids
 
 
 class _HubQA:
@@ -53,6 +55,8 @@ def _hub_id(name: str) -> tuple[str, str | None] | None:
     if name.startswith("hf:"):
         hub_id, _, config = name[3:].partition(":")
         return hub_id, config or None
+    if name.endswith(FILE_SUFFIXES):  # "data/my.jsonl" is a file that is missing, never a hub dataset
+        return None
     return (name, None) if name.count("/") == 1 and not Path(name).exists() else None
 
 
@@ -72,6 +76,9 @@ def load_qa(name_or_path: str, split: str = "eval") -> list[QAExample]:
     hub = _hub_id(name_or_path)
     if hub:
         return load_hub_qa(hub[0], split, hub[1])
+    if name_or_path.endswith(FILE_SUFFIXES):
+        raise DataError(f"data.dataset {name_or_path}: no such file (a relative path is read from the working directory, "
+                        "or beside the config file)")
     raise DataError(
         f"unknown dataset {name_or_path!r}: not a registered name ({', '.join(DATASETS)}), "
         "not an existing file, and not a hub id ('hf:<id>[:<config>]' or 'owner/name')"
@@ -88,6 +95,9 @@ def load_corpus(name_or_path: str) -> Corpus:
     hub = _hub_id(name_or_path)
     if hub:
         return hub_corpus(hub[0], config=hub[1])
+    if name_or_path.endswith(FILE_SUFFIXES):
+        raise DataError(f"data.corpus {name_or_path}: no such file (a relative path is read from the working directory, "
+                        "or beside the config file)")
     raise DataError(
         f"unknown corpus {name_or_path!r}: not a registered name ({', '.join(CORPORA)}), "
         "not an existing file, and not a hub id ('hf:<id>[:<config>]' or 'owner/name')"
