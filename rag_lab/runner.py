@@ -180,6 +180,11 @@ def leak_guard(cfg: ExperimentConfig, questions: list[QAExample], train: list[QA
 
 # ---------------------------------------------------------------- stage 2: contexts
 
+def portable_path(path: Path) -> str:
+    """A path as a committed file should name it: relative to the repository when under it."""
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
 def check_k(cfg: ExperimentConfig, passages) -> None:
     """retriever.k no larger than the corpus it searches (FAISS pads with -1, bm25s refuses: say it first)."""
     if cfg.retriever.k > len(passages):
@@ -502,10 +507,12 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
         finals[seed] = final
         timings[f"train_seed{seed}_s"] = time.perf_counter() - t
         compute[f"train_seed{seed}_s"] = info.get("train_seconds")
-        training[seed] = {"model": str(final.relative_to(REPO_ROOT)) if final.is_relative_to(REPO_ROOT) else str(final),
+        training[seed] = {"model": portable_path(final),
                           **{k: info.get(k) for k in ("n_train", "n_dev", "skipped_empty_answers", "train_loss", "global_step", "train_seconds", "train_tokens", "peak_rss_gb",
                                                        "best_checkpoint", "checkpoint_rule", "log_history", "dev_history", "objective", "passage_entropy")
                              if k in info}}
+        if training[seed].get("best_checkpoint"):  # the run folder is committed: no path of the machine that built it
+            training[seed]["best_checkpoint"] = portable_path(Path(training[seed]["best_checkpoint"]))
     if not state.is_main_process:
         return None  # another rank of a multi-process launch: rank 0 evaluates and writes the row
     for seed in seeds:
