@@ -38,7 +38,7 @@ from rag_lab.data import DATASETS, Corpus, load_qa
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.data.subsets import corpus_for, corpus_label, eval_set_name, subset_questions
 from rag_lab.generators import build_generator
-from rag_lab.io import (CacheRepaired, DataError, atomic_dir, atomic_write_text, check_replaceable, clean_orphans, jsonl_bytes, read_checked, read_jsonl, stable_hash,
+from rag_lab.io import (CacheRepaired, DataError, UserError, atomic_dir, atomic_write_text, check_replaceable, clean_orphans, jsonl_bytes, read_checked, read_jsonl, stable_hash,
                         verified_folder, write_checked, write_json, write_jsonl)
 from rag_lab.metrics import AnswerInPassage, bootstrap_ci, normalize_answer, score_predictions
 from rag_lab.models import ModelNotFoundError, model_fingerprint, resolve_model
@@ -610,24 +610,34 @@ def check_run_folder(run_dir: Path) -> str | None:
         metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
         n_rows = sum(1 for _ in read_jsonl(run_dir / "predictions.jsonl"))
         cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        json.loads((run_dir / "timings.json").read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
         return f"unreadable: {e}"
+    if not isinstance(metrics, dict) or not isinstance(cfg, dict):
+        return "unreadable: metrics.json and config.json must hold JSON objects"
     if metrics.get("all", {}).get("n") != n_rows:
         return f"inconsistent: metrics.json says n={metrics.get('all', {}).get('n')}, predictions.jsonl has {n_rows} rows"
     if cfg.get("name") != run_dir.parent.name:
         return f"inconsistent: config.json names {cfg.get('name')!r}, the folder {run_dir.parent.name!r}"
+    try:  # a folder whose row cannot be built is reported, never allowed to stop every later run
+        _folder_row(run_dir, run="")
+    except (UserError, KeyError, TypeError, ValueError, AttributeError) as e:
+        return f"unreadable: {type(e).__name__}: {e}"
     return None
 
 
-def row_from_run_folder(run_dir: Path, profile: str) -> dict:
-    """The main-table row a complete run folder stands for (what `run_experiment` upserted)."""
+def _folder_row(run_dir: Path, run: str) -> dict:
     raw = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     raw.pop("profile", None)
     cfg = from_dict(ExperimentConfig, raw, where=str(run_dir / "config.json"))
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     compute_s = json.loads((run_dir / "timings.json").read_text(encoding="utf-8")).get("compute_s")
-    return table_row(cfg, metrics, eval_set_name(cfg.data, metrics["all"]["n"]), compute_s,
-                     run_dir.relative_to(profile_results_dir(profile)).as_posix())
+    return table_row(cfg, metrics, eval_set_name(cfg.data, metrics["all"]["n"]), compute_s, run)
+
+
+def row_from_run_folder(run_dir: Path, profile: str) -> dict:
+    """The main-table row a complete run folder stands for (what `run_experiment` upserted)."""
+    return _folder_row(run_dir, run_dir.relative_to(profile_results_dir(profile)).as_posix())
 
 
 def main_table_problem(profile: str = "default", pending: Path | None = None) -> str | None:

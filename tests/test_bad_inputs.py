@@ -484,6 +484,10 @@ RUN_DAMAGE = [  # (id, how to damage one run folder, fragment of the report)
     ("run-truncated-predictions", lambda d: (d / "predictions.jsonl").write_text(
         "".join((d / "predictions.jsonl").read_text().splitlines(keepends=True)[:10])), "predictions.jsonl has 10 rows"),
     ("run-corrupt-metrics", lambda d: (d / "metrics.json").write_text("{"), "unreadable"),
+    ("run-corrupt-timings", lambda d: (d / "timings.json").write_text("{"), "unreadable"),
+    ("run-config-not-a-config", lambda d: (d / "config.json").write_text(json.dumps({"name": "closed_book_zero_shot", "regime": "rga"})),
+     "unreadable: ConfigError"),
+    ("run-metrics-without-scores", lambda d: (d / "metrics.json").write_text(json.dumps({"all": {"n": 500}})), "unreadable: KeyError"),
     ("run-renamed-experiment", lambda d: d.rename(d.parent.parent / "other_name" / d.name) if (d.parent.parent / "other_name").mkdir() is None else None,
      "inconsistent: config.json names 'closed_book_zero_shot'"),
 ]
@@ -491,11 +495,15 @@ RUN_DAMAGE = [  # (id, how to damage one run folder, fragment of the report)
 
 @pytest.mark.parametrize("case", RUN_DAMAGE, ids=lambda c: c[0])
 def test_runs_check_reports_a_damaged_run_folder(case, results, capsys):
+    from rag_lab.runner import repair_main_table
+
     _, damage, fragment = case
     damage(next((results / "runs" / "closed_book_zero_shot").iterdir()))
     code, out = run_cli(["runs", "--check"], capsys)
     assert code == 1 and fragment in out, out
     assert run_cli(["runs"], capsys)[0] == 0  # without --check it lists and exits 0
+    repair_main_table()  # one damaged folder never stops the next run: its row is dropped, saying so
+    assert "closed_book_zero_shot" not in pd.read_csv(results / "main_table.csv")["experiment"].tolist()
 
 
 def test_a_run_folder_appears_only_complete(tmp_path, monkeypatch):
