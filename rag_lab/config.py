@@ -374,7 +374,12 @@ def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise ConfigError(f"name {name!r}: use letters, digits, '_', '-' and '.' (not first); it names the run's "
                           "folder under results/runs/")
+    if len(name) > MAX_NAME:  # file names stop at 255 bytes; the cache folders add a hash and a prefix
+        raise ConfigError(f"name {name[:40]!r}...: {len(name)} characters; at most {MAX_NAME} (it names folders)")
     return name
+
+
+MAX_NAME = 120
 
 
 # ---------------------------------------------------------------- loading
@@ -468,6 +473,10 @@ def _read_yaml(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such experiment file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a YAML file (name the experiment's .yaml file)") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: not readable (permission denied)") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
     try:
