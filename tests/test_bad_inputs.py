@@ -759,3 +759,37 @@ def test_a_relative_dataset_path_is_read_beside_the_config_and_a_missing_file_is
     assert cfg.data.dataset == str(folder / "data" / "my.jsonl") and load_qa(cfg.data.dataset)[0].id == "q1"
     with pytest.raises(DataError, match="data.dataset data/other.jsonl: no such file"):
         load_qa("data/other.jsonl")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"index_factory": "Flt"}, "retriever.index_factory 'Flt': FAISS rejects it over 32 dimensions (could not parse index string Flt)"),
+    ({"index_factory": "IVF4,PQ7"}, "retriever.index_factory 'IVF4,PQ7': FAISS rejects it"),
+    ({"index_factory": "IVF4,Flat", "search_params": "nprob=2"}, "retriever.search_params 'nprob=2': FAISS rejects it"),
+])
+def test_faiss_settings_are_refused_before_the_corpus_is_encoded(tmp_path, monkeypatch, settings, message):
+    """Issue 22: a bad FAISS string failed with a traceback after the whole corpus was encoded."""
+    from test_retrievers import make_tiny_encoder
+
+    from rag_lab.data.records import Passage
+    from rag_lab.io import UserError
+    from rag_lab.retrievers import DenseRetriever
+
+    encoder = make_tiny_encoder(tmp_path / "enc")
+    passages = [Passage(f"p{i}", "", f"passage {i}") for i in range(8)]
+    monkeypatch.setattr(DenseRetriever, "_load_or_encode", lambda self: pytest.fail("encoded before the check"))
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DenseRetriever(passages, encoder=encoder, cache_dir=tmp_path / "c", show_progress=False, **settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"stemmer": "klingon"}, "retriever.stemmer 'klingon': unknown language"),
+    ({"stopwords": "xx"}, "retriever.stopwords 'xx': xx not recognized"),
+])
+def test_bm25_stemmer_and_stopword_names_are_one_error_line(tmp_path, settings, message):
+    from rag_lab.data.records import Passage
+    from rag_lab.io import UserError
+    from rag_lab.retrievers import BM25Retriever
+
+    with pytest.raises(UserError, match=message):
+        BM25Retriever([Passage("p0", "", "a passage")], cache_dir=tmp_path / "c", show_progress=False, **settings)
+

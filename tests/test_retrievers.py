@@ -121,7 +121,7 @@ def test_faiss_factories():
         if factory.startswith("IVF"):
             index.nprobe = 4  # all lists: exact
             assert (index.search(vecs[:5], 3)[1] == flat.search(vecs[:5], 3)[1]).all()
-    with pytest.raises(ValueError, match=r"FAISS rejected index_factory string 'NotAnIndex42'"):
+    with pytest.raises(ValueError, match=r"retriever.index_factory 'NotAnIndex42': FAISS rejects it"):
         build_faiss_index(vecs, "NotAnIndex42")
 
 

@@ -8,7 +8,11 @@ import numpy as np
 
 from rag_lab.data.corpus import Corpus, as_corpus
 from rag_lab.data.records import Passage, QAExample
-from rag_lab.io import DataError
+from rag_lab.io import DataError, UserError
+
+
+class RetrieverSettingError(UserError, ValueError):
+    """A retriever setting its library rejects (a FAISS string, a stemmer or stopword name): one line naming the key."""
 
 
 @dataclass(frozen=True)

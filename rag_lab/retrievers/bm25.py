@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from rag_lab.data.corpus import Corpus, as_corpus
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.io import atomic_dir, folder_is_intact, stable_hash, write_manifest
-from rag_lab.retrievers.base import Hit, check_k, check_questions, hits_from_arrays
+from rag_lab.retrievers.base import Hit, RetrieverSettingError, check_k, check_questions, hits_from_arrays
 from rag_lab.retrievers.cache import retriever_cache_dir
 
 CHUNK_ROWS = 100_000  # passages tokenised at a time while building
@@ -45,6 +45,7 @@ class BM25Retriever:
         self.params = {"k1": k1, "b": b, "stopwords": stopwords, "stemmer": stemmer}
         self.show_progress = show_progress
         self._stemmer = _make_stemmer(stemmer)
+        _check_stopwords(stopwords)
         self._corpus_hash = self.passages.fingerprint
         self.cache_hit = False
         self.build: dict | None = None  # {"kind", "seconds"} when this process built the index (timings.csv)
@@ -157,6 +158,16 @@ def build_bm25_index(corpus: Corpus, folder: Path, tokenize, k1: float, b: float
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _check_stopwords(name: str | None) -> None:
+    """bm25s's stopword names, checked before the corpus is tokenised (it raised at the first passage)."""
+    if name is None:
+        return
+    try:
+        bm25s.tokenize(["a"], stopwords=name, return_ids=False, show_progress=False)
+    except ValueError as e:
+        raise RetrieverSettingError(f"retriever.stopwords {name!r}: {str(e).split('. Please')[0]} (or null: keep every word)") from None
+
+
 def _make_stemmer(language: str | None):
     if language is None:
         return None
@@ -164,4 +175,5 @@ def _make_stemmer(language: str | None):
     try:
         return Stemmer.Stemmer(language).stemWords
     except KeyError:
-        raise ValueError(f"unknown stemmer language {language!r}; PyStemmer knows {', '.join(Stemmer.algorithms())}") from None
+        raise RetrieverSettingError(f"retriever.stemmer {language!r}: unknown language; PyStemmer knows "
+                                    f"{', '.join(Stemmer.algorithms())} (or null: no stemming)") from None

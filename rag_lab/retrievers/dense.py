@@ -14,6 +14,7 @@ Any change of encoder or corpus gives a new key, so a stale cache is never read.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,7 +27,7 @@ from rag_lab.data.corpus import Corpus, as_corpus
 from rag_lab.data.records import Passage, QAExample, passage_text
 from rag_lab.io import atomic_dir, stable_hash, verified_folder, write_manifest
 from rag_lab.models import load_sentence_encoder, model_fingerprint, resolve_model
-from rag_lab.retrievers.base import Hit, check_k, check_questions, hits_from_arrays
+from rag_lab.retrievers.base import Hit, RetrieverSettingError, check_k, check_questions, hits_from_arrays
 from rag_lab.retrievers.cache import retriever_cache_dir
 from rag_lab.timings import count_params, encoder_flops
 
@@ -192,8 +193,12 @@ class DenseRetriever:
         self.cache_hit = {"embeddings": False, "index": False}
         self.build: dict | None = None  # {"kind", "seconds", "flops"} when this process encoded the corpus (timings.csv)
         if build:
+            check_faiss_settings(self._dimension(), index_factory, search_params)  # before the corpus is encoded
             self.embeddings = self._load_or_encode()
             self.index = self._load_or_build_index()
+
+    def _dimension(self) -> int:
+        return int(np.asarray(self.model.encode(["dimension probe"])).shape[-1])
 
     def fingerprint(self) -> str:
         return stable_hash({"kind": "dense", **self.params, "corpus": self._corpus_hash,
@@ -290,6 +295,27 @@ def read_index(path: Path) -> faiss.Index:
         return faiss.read_index(str(path))
 
 
+def check_faiss_settings(dim: int, factory: str, search_params: str) -> None:
+    """An empty index of `factory` over `dim` dimensions, with `search_params` applied: what FAISS rejects
+    is an error naming the key before an hour of encoding, not after."""
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise RetrieverSettingError(f"retriever.index_factory {factory!r}: FAISS rejects it over {dim} dimensions "
+                                    f"({_faiss_message(e)})") from None
+    if search_params:
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, search_params)
+        except RuntimeError as e:
+            raise RetrieverSettingError(f"retriever.search_params {search_params!r}: FAISS rejects it for {factory!r} "
+                                        f"({_faiss_message(e)})") from None
+
+
+def _faiss_message(error: Exception) -> str:
+    """FAISS's reason, without the C++ function and source line that precede it."""
+    return re.sub(r"^Error in .*? at \S+:\d+: ", "", str(error).strip().splitlines()[-1])
+
+
 def build_faiss_index(vectors, factory: str = "Flat", show_progress: bool = False, chunk: int = 65_536,
                       train_rows: int = TRAIN_ROWS, seed: int = 0) -> faiss.Index:
     """`faiss.index_factory` with inner product over `vectors` (an array, memory-mapped or not, or
@@ -299,7 +325,7 @@ def build_faiss_index(vectors, factory: str = "Flat", show_progress: bool = Fals
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise ValueError(f"FAISS rejected index_factory string {factory!r}: {str(e).strip().splitlines()[-1]}") from None
+        raise RetrieverSettingError(f"retriever.index_factory {factory!r}: FAISS rejects it ({_faiss_message(e)})") from None
     blocks = vectors.chunks(chunk) if isinstance(vectors, ShardedEmbeddings) else (
         (a, np.ascontiguousarray(vectors[a:a + chunk], dtype=np.float32)) for a in range(0, n, chunk))
     if not index.is_trained:
