@@ -7,14 +7,16 @@ and the atomic write means a reader never sees half a table.
 from __future__ import annotations
 
 import io
+import os
 import re
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 import pandas as pd
 from filelock import FileLock
 
-from rag_lab.io import atomic_write_text
+from rag_lab.io import CacheRepaired, atomic_write_text
 from rag_lab.metrics import format_ci
 from rag_lab.paths import profile_results_dir
 
@@ -38,7 +40,7 @@ def upsert_rows(csv_path: str | Path, rows: Sequence[dict] | Callable[[], Sequen
             for stale in (csv_path, csv_path.with_suffix(".md")):
                 stale.unlink(missing_ok=True)
             return pd.DataFrame()
-        table = load_table(csv_path) if csv_path.exists() and not replace_all else pd.DataFrame()
+        table = _readable_or_set_aside(csv_path) if csv_path.exists() and not replace_all else pd.DataFrame()
         new = pd.DataFrame(list(rows))
         if not table.empty and not new.empty:
             new_keys = set(map(tuple, new[list(key)].astype(str).values))
@@ -53,6 +55,19 @@ def upsert_rows(csv_path: str | Path, rows: Sequence[dict] | Callable[[], Sequen
         shown = render(table) if render else table
         atomic_write_text(csv_path.with_suffix(".md"), to_markdown(shown, title, note))
     return table
+
+
+def _readable_or_set_aside(csv_path: Path) -> pd.DataFrame:
+    """The table in `csv_path`; one that cannot be read (cut off, not CSV, not UTF-8) is moved aside to
+    `<name>.damaged` and an empty table returned, saying so (a derived table must not stop a finished run)."""
+    try:
+        return load_table(csv_path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        aside = csv_path.with_name(csv_path.name + ".damaged")
+        os.replace(csv_path, aside)
+        warnings.warn(f"{csv_path}: unreadable ({type(e).__name__}); kept as {aside.name}, starting it again",
+                      CacheRepaired, stacklevel=3)
+        return pd.DataFrame()
 
 
 def to_markdown(table: pd.DataFrame, title: str = "", note: str = "") -> str:

@@ -318,8 +318,7 @@ def generate_stage(cfg: ExperimentConfig, data: RunData, ctx: Contexts | None, m
     done_path, partial_path, timing_path = stage / "predictions.jsonl", stage / "partial.jsonl", stage / "timing.json"
     cached = read_checked(done_path)  # checksum-verified; a damaged file is reported, deleted and regenerated
     if cached is not None and len(rows := [json.loads(x) for x in cached.decode("utf-8").splitlines() if x.strip()]) == len(data.questions):
-        cost = json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.exists() else {"generate_s": None}
-        return rows, key, cost
+        return rows, key, _stage_cost(timing_path)
     generator = build_generator(cfg.generator, data.train, seed=cfg.seed, model_path=model_path)
     # seconds of generation, summed over resumed sessions (loading the model is not counted)
     preds, seconds = _generate_resumable(generator, data.questions, None if ctx is None else ctx.passages,
@@ -329,6 +328,21 @@ def generate_stage(cfg: ExperimentConfig, data: RunData, ctx: Contexts | None, m
     write_checked(done_path, jsonl_bytes(preds))
     partial_path.unlink(missing_ok=True)
     return preds, key, cost
+
+
+def _stage_cost(timing_path: Path) -> dict:
+    """What computing a cached stage took (timing.json); unreadable or absent: unknown, saying so when damaged."""
+    if not timing_path.exists():
+        return {"generate_s": None}
+    try:
+        cost = json.loads(timing_path.read_text(encoding="utf-8"))
+        if isinstance(cost, dict):
+            return cost
+    except (ValueError, UnicodeDecodeError):
+        pass
+    warnings.warn(f"{timing_path}: unreadable; the row's compute seconds are unknown (the predictions are checked "
+                  "and kept)", CacheRepaired, stacklevel=2)
+    return {"generate_s": None}
 
 
 def generation_cost(generator, preds: list[dict], model_path: str) -> dict:

@@ -793,3 +793,34 @@ def test_bm25_stemmer_and_stopword_names_are_one_error_line(tmp_path, settings, 
     with pytest.raises(UserError, match=message):
         BM25Retriever([Passage("p0", "", "a passage")], cache_dir=tmp_path / "c", show_progress=False, **settings)
 
+
+
+@pytest.mark.parametrize("body", [b"", b"\x00\xff\xfe not csv \x00" * 20, b'stage,wall_s\n"unclosed,1\n'])
+def test_a_damaged_timings_csv_is_set_aside_and_started_again(tmp_path, body):
+    """Issue 22: a corrupt timings.csv raised a traceback at the end of a finished run."""
+    from rag_lab.io import CacheRepaired
+    from rag_lab.results import load_table, upsert_rows
+
+    path = tmp_path / "timings.csv"
+    path.write_bytes(body)
+    with pytest.warns(CacheRepaired, match="unreadable"):
+        upsert_rows(path, [{"stage": "row x", "wall_s": 1.0}], key=["stage"])
+    assert list(load_table(path)["stage"]) == ["row x"] and (tmp_path / "timings.csv.damaged").read_bytes() == body
+
+
+def test_a_corrupt_generation_timing_file_keeps_the_cached_predictions(tmp_path, monkeypatch):
+    import test_runner
+    from rag_lab.io import CacheRepaired
+    from rag_lab.runner import run_experiment
+
+    monkeypatch.setenv("RAG_LAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(tmp_path / "results"))
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test_runner.QA))
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test_runner.CORPUS))
+    test_runner.make_tiny_causal_lm(tmp_path / "model")
+    first = run_experiment(test_runner.config(tmp_path), show_progress=False)
+    (timing,) = (tmp_path / "cache" / "runs").glob("generate-*/timing.json")
+    timing.write_text("{not json")
+    with pytest.warns(CacheRepaired, match="timing.json: unreadable"):
+        again = run_experiment(test_runner.config(tmp_path), show_progress=False)
+    assert (again.run_dir / "predictions.jsonl").read_bytes() == (first.run_dir / "predictions.jsonl").read_bytes()
