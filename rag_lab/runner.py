@@ -118,9 +118,31 @@ def check_models(cfg: ExperimentConfig, model_path: str | None = None) -> None:
                       ("retriever.encoder", cfg.retriever.encoder if cfg.retriever.kind in ("dense", "hybrid") else None)):
         if name is not None:
             try:
-                resolve_model(name)
+                resolved = resolve_model(name)
             except ModelNotFoundError as e:
                 raise ModelNotFoundError(f"{key}: {e}") from None
+            if isinstance(resolved, Path) and resolved.is_dir():
+                _check_model_folder(key, resolved, cfg.generator.kind if key == "generator.model" else None)
+
+
+def _check_model_folder(key: str, folder: Path, kind: str | None) -> None:
+    """A local model folder holds a model (config.json) of the kind the config reads it as: an error naming the
+    key now, not a traceback from transformers after retrieval."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelNotFoundError(f"{key}: {folder} is a folder but not a model (no config.json); name a saved "
+                                 "checkpoint folder, an embedded model or a hub id")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelNotFoundError(f"{key}: {config_file} is not readable JSON ({e})") from None
+    encoder_decoder = bool(config.get("is_encoder_decoder")) if isinstance(config, dict) else False
+    if kind == "seq2seq" and not encoder_decoder:
+        raise ConfigError(f"generator.kind: seq2seq, but {folder} is not an encoder-decoder model "
+                          f"({config.get('model_type', '?')}): use generator.kind: decoder")
+    if kind == "decoder" and encoder_decoder:
+        raise ConfigError(f"generator.kind: decoder, but {folder} is an encoder-decoder model "
+                          f"({config.get('model_type', '?')}): use generator.kind: seq2seq")
 
 
 def data_stage(cfg: ExperimentConfig) -> RunData:

@@ -824,3 +824,26 @@ def test_a_corrupt_generation_timing_file_keeps_the_cached_predictions(tmp_path,
     with pytest.warns(CacheRepaired, match="timing.json: unreadable"):
         again = run_experiment(test_runner.config(tmp_path), show_progress=False)
     assert (again.run_dir / "predictions.jsonl").read_bytes() == (first.run_dir / "predictions.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("make, kind, message", [
+    ("empty-folder", "decoder", r"is a folder but not a model \(no config.json\)"),
+    ("decoder", "seq2seq", "is not an encoder-decoder model"),
+])
+def test_a_generator_folder_that_cannot_serve_the_config_is_one_error_before_retrieval(tmp_path, monkeypatch, make, kind, message):
+    from rag_lab.io import UserError
+    from rag_lab.runner import check_models
+    from tiny_models import make_tiny_causal_lm
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if make == "decoder":
+        make_tiny_causal_lm(folder)
+    cfg = load_experiment(_write(tmp_path / "x.yaml", f"regime: closed_book\ngenerator: {{model: {folder}, kind: {kind}}}\n"))
+    with pytest.raises(UserError, match=message):
+        check_models(cfg)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
