@@ -847,3 +847,20 @@ def test_a_generator_folder_that_cannot_serve_the_config_is_one_error_before_ret
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("answers", [[""], ["the"], ["---", "a"]])
+def test_a_question_whose_answers_cannot_be_scored_is_an_error_naming_its_line(tmp_path, answers):
+    """Issue 22: `answers: [""]` or `["the"]` loaded, and every prediction scored 0 against it."""
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps(Q) + "\n" + json.dumps(dict(Q, id="q2", answers=answers)) + "\n")
+    with pytest.raises(DataError, match=r"qa.jsonl:2: no answer survives SQuAD normalisation"):
+        load_qa(str(path))
+
+
+def test_nq_mini_keeps_its_two_unscoreable_pool_questions_as_published():
+    from rag_lab.metrics import normalize_answer
+
+    pool = load_qa("nq-mini", "train")
+    assert len(pool) == 1210 and sum(not any(normalize_answer(a) for a in q.answers) for q in pool) == 2
+

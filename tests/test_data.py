@@ -54,7 +54,7 @@ def test_qa_json_and_parquet(tmp_path):
     ('["not", "an", "object"]', "qa.jsonl:2: expected a JSON object"),
 ])
 def test_bad_qa_rows_name_file_and_line(tmp_path, line, message):
-    path = write_lines(tmp_path / "qa.jsonl", ['{"question": "ok", "answers": ["a"]}', line])
+    path = write_lines(tmp_path / "qa.jsonl", ['{"question": "ok", "answers": ["yes"]}', line])
     with pytest.raises(DataError, match=message.replace("[", r"\[")):
         load_qa_file(path)
 
@@ -75,8 +75,8 @@ def test_corpus_errors(tmp_path, monkeypatch):
 
 def test_resolver_names_paths_and_unknown(tmp_path):
     assert "nq-mini" in DATASETS
-    path = write_lines(tmp_path / "q.jsonl", ['{"question": "q", "answers": ["a"]}'])
-    assert load_qa(str(path))[0].answers == ("a",)
+    path = write_lines(tmp_path / "q.jsonl", ['{"question": "q", "answers": ["yes"]}'])
+    assert load_qa(str(path))[0].answers == ("yes",)
     with pytest.raises(DataError, match=r"unknown dataset 'nq-mni'.*nq-mini"):
         load_qa("nq-mni")
     with pytest.raises(DataError, match=r"unknown corpus 'wiki'"):
@@ -181,7 +181,7 @@ def test_validate_detects_tampering(tmp_path):
     shutil.copytree(build_nq_mini.data_dir() / "nq_mini", out)
     build_nq_mini.validate(out)
     with open(out / "eval.jsonl", "a") as f:
-        f.write('{"id": "x", "question": "q", "answers": ["a"]}\n')
+        f.write('{"id": "x", "question": "q", "answers": ["yes"]}\n')
     with pytest.raises(DataError, match="eval.jsonl: sha256 differs"):
         build_nq_mini.validate(out)
 

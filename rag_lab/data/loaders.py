@@ -60,13 +60,23 @@ def file_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise DataError(f"{path}: unsupported file type (use one of {', '.join(SUFFIXES)})")
 
 
-def load_qa_file(path: str | Path, id_prefix: str | None = None) -> list[QAExample]:
-    """Load QA examples from a local file; rows without an `id` get `<prefix>-<index>`."""
+def load_qa_file(path: str | Path, id_prefix: str | None = None, require_scoreable: bool = True) -> list[QAExample]:
+    """Load QA examples from a local file; rows without an `id` get `<prefix>-<index>`. A question none of
+    whose answers survives the SQuAD normalisation ("", "the", "---") can never be scored: an error naming
+    the line (`require_scoreable=False` keeps a published benchmark's few such questions as they are)."""
+    from rag_lab.metrics import normalize_answer  # why: metrics imports data.records (a cycle at module level)
+
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
     prefix = id_prefix or path.name.split(".")[0]
-    examples = [qa_from_row(row, where, f"{prefix}-{i}") for i, (where, row) in enumerate(file_rows(path))]
+    examples = []
+    for i, (where, row) in enumerate(file_rows(path)):
+        example = qa_from_row(row, where, f"{prefix}-{i}")
+        if require_scoreable and not any(normalize_answer(a) for a in example.answers):
+            raise DataError(f"{where}: no answer survives SQuAD normalisation (lower-case, no punctuation or articles): "
+                            f"{list(example.answers)!r} can never be matched")
+        examples.append(example)
     _check_unique([e.id for e in examples], path, "question")
     if not examples:
         raise DataError(f"{path}: no QA examples")
