@@ -45,10 +45,11 @@ def run_notebooks(profile: str = "default", notebooks: list[Path] | None = None)
         print("no numbered notebooks in notebooks/ yet")
 
     outputs = []
-    for nb in notebooks:
+    for i, nb in enumerate(notebooks, start=1):
         if profile not in NOTEBOOK_PROFILES.get(nb.stem, (profile,)):
             print(f"skipped {nb.name} [{profile}]: it runs in the {', '.join(NOTEBOOK_PROFILES[nb.stem])} profile(s)")
             continue
+        print(f"running {nb.name} [{profile}] ({i} of {len(notebooks)}) ...", flush=True)  # the kernel's output is in the notebook
         t0 = time.perf_counter()
         outputs.append(run_notebook(nb, profile))
         seconds = time.perf_counter() - t0
