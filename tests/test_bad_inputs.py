@@ -548,20 +548,27 @@ def test_orphan_temporaries_of_dead_processes_are_cleaned_live_ones_kept(tmp_pat
 def test_a_run_cleans_what_a_killed_dense_encoding_left_in_the_retrieval_cache(tmp_path, monkeypatch):
     """Issue 22: a killed encoding's temporary folder stayed in cache/retrieval forever (only results/ and
     cache/runs were cleaned)."""
-    import test_runner  # its tiny decoder, QA file and corpus
     from rag_lab.io import TMP_MARK
     from rag_lab.runner import run_experiment
 
-    monkeypatch.setenv("RAG_LAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(tmp_path / "results"))
+    cfg = _tiny_env(tmp_path, monkeypatch)
     left = tmp_path / "cache" / "retrieval" / "emb-abc" / f".rows-0-100.{TMP_MARK}999999997.z"
     left.mkdir(parents=True)
     (left / "emb.npy").write_bytes(b"half an array")
+    run_experiment(cfg, show_progress=False)
+    assert not left.exists()
+
+
+def _tiny_env(tmp_path, monkeypatch):
+    """test_runner's tiny decoder, QA file and corpus in tmp_path, with caches and results there; its config."""
+    import test_runner
+
+    monkeypatch.setenv("RAG_LAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(tmp_path / "results"))
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test_runner.QA))
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test_runner.CORPUS))
     test_runner.make_tiny_causal_lm(tmp_path / "model")
-    run_experiment(test_runner.config(tmp_path), show_progress=False)
-    assert not left.exists()
+    return test_runner.config(tmp_path)
 
 
 def test_the_leak_guard_holds_out_a_registered_benchmarks_shared_questions():
@@ -809,20 +816,15 @@ def test_a_damaged_timings_csv_is_set_aside_and_started_again(tmp_path, body):
 
 
 def test_a_corrupt_generation_timing_file_keeps_the_cached_predictions(tmp_path, monkeypatch):
-    import test_runner
     from rag_lab.io import CacheRepaired
     from rag_lab.runner import run_experiment
 
-    monkeypatch.setenv("RAG_LAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(tmp_path / "results"))
-    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test_runner.QA))
-    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test_runner.CORPUS))
-    test_runner.make_tiny_causal_lm(tmp_path / "model")
-    first = run_experiment(test_runner.config(tmp_path), show_progress=False)
+    cfg = _tiny_env(tmp_path, monkeypatch)
+    first = run_experiment(cfg, show_progress=False)
     (timing,) = (tmp_path / "cache" / "runs").glob("generate-*/timing.json")
     timing.write_text("{not json")
     with pytest.warns(CacheRepaired, match="timing.json: unreadable"):
-        again = run_experiment(test_runner.config(tmp_path), show_progress=False)
+        again = run_experiment(cfg, show_progress=False)
     assert (again.run_dir / "predictions.jsonl").read_bytes() == (first.run_dir / "predictions.jsonl").read_bytes()
 
 

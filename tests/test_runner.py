@@ -77,20 +77,26 @@ def test_closed_book_and_determinism(env):
     assert (second.run_dir / "predictions.jsonl").read_bytes() == text
 
 
-def test_generation_cache_and_resume_after_kill(env, monkeypatch):
-    cfg = config(env)
+def killed_after(cfg, monkeypatch, n_batches: int, calls: list):
+    """Run `cfg` with generation killed after `n_batches` batches (a KeyboardInterrupt); returns the real batch function."""
     real = HFGenerator.generate_batch
-    calls = []
 
-    def dies_after_two(self, prompts):
-        if len(calls) == 2:
+    def dies(self, prompts):
+        if len(calls) == n_batches:
             raise KeyboardInterrupt("simulated kill")
         calls.append(len(prompts))
         return real(self, prompts)
 
-    monkeypatch.setattr(HFGenerator, "generate_batch", dies_after_two)
+    monkeypatch.setattr(HFGenerator, "generate_batch", dies)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, show_progress=False)
+    return real
+
+
+def test_generation_cache_and_resume_after_kill(env, monkeypatch):
+    cfg = config(env)
+    calls = []
+    real = killed_after(cfg, monkeypatch, 2, calls)
     partial = list((env / "cache" / "runs").glob("generate-*/partial.jsonl"))
     assert len(partial) == 1 and len(partial[0].read_text().splitlines()) == 2
 
@@ -241,18 +247,7 @@ def test_a_batch_log_line_that_fails_its_checksum_is_regenerated_not_served(env,
     from rag_lab.io import CacheRepaired
 
     cfg = config(env)
-    real = HFGenerator.generate_batch
-    calls = []
-
-    def dies_after_one(self, prompts):
-        if len(calls) == 1:
-            raise KeyboardInterrupt("simulated kill")
-        calls.append(len(prompts))
-        return real(self, prompts)
-
-    monkeypatch.setattr(HFGenerator, "generate_batch", dies_after_one)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, show_progress=False)
+    real = killed_after(cfg, monkeypatch, 1, [])
     partial = next((env / "cache" / "runs").glob("generate-*/partial.jsonl"))
     line = json.loads(partial.read_text())
     if forge == "forged-line":
