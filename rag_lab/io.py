@@ -193,7 +193,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     if not path.exists():
         raise DataError(f"{path}: no such file")
     with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
-        for lineno, line in _lines(f, path):
+        for lineno, line in text_lines(f, path):
             if not line.strip():
                 continue
             try:
@@ -328,7 +328,7 @@ def stable_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def _lines(f, path: Path) -> Iterator[tuple[int, str]]:
+def text_lines(f, path: Path) -> Iterator[tuple[int, str]]:
     """Numbered, decoded lines of a binary file; a truncated or corrupt gzip stream, or bytes that
     are not UTF-8, are a DataError naming the file (and the line)."""
     lineno = 0

@@ -8,12 +8,17 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rag_lab.data.records import QAExample, qa_from_row
-from rag_lab.io import DataError, read_jsonl
+from rag_lab.io import DataError, read_jsonl, text_lines
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".tsv", ".tsv.gz")
+# why raised from csv's 131,072 characters: a real passage or article may be longer; past 64 Mi characters a field
+# is an unclosed quote that swallowed the file, an error naming the line
+TSV_FIELD_LIMIT = 1 << 26
+csv.field_size_limit(max(csv.field_size_limit(), TSV_FIELD_LIMIT))
 
 
 def file_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -28,6 +33,8 @@ def file_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if isinstance(data, dict) and "data" in data:  # {"data": [...]} wrapper
             data = data["data"]
         if not isinstance(data, list):
@@ -37,17 +44,32 @@ def file_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise DataError(f"{path}: record {i} is not an object")
             yield f"{path}: record {i}", row
     elif name.endswith(".parquet"):
-        n = 0
+        yield from _parquet_rows(path)
+    elif name.endswith((".tsv", ".tsv.gz")):  # DPR's psgs_w100.tsv: a header line (id, text, title), then rows
+        yield from _tsv_rows(path)
+    else:
+        raise DataError(f"{path}: unsupported file type (use one of {', '.join(SUFFIXES)})")
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    n = 0
+    try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=50_000):
             for row in batch.to_pylist():
                 yield f"{path}: row {n}", row
                 n += 1
-    elif name.endswith((".tsv", ".tsv.gz")):  # DPR's psgs_w100.tsv: a header line (id, text, title), then rows
-        # utf-8-sig: a byte-order mark before the header is dropped (it used to turn "id" into "\ufeffid",
-        # so every passage got its row number as id)
-        with (gzip.open(path, "rt", encoding="utf-8-sig", newline="") if name.endswith(".gz")
-              else open(path, encoding="utf-8-sig", newline="")) as f:
-            reader = csv.reader(f, delimiter="\t")
+    except (pa.ArrowException, OSError) as e:  # not parquet at all, or a truncated / damaged one
+        raise DataError(f"{path}: not a readable parquet file after row {n} ({e}): re-download or rebuild it") from None
+
+
+def _tsv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows of a tab-separated file with a header line; bytes that are not UTF-8, a damaged gzip
+    stream or a malformed quoted field are a DataError naming the line."""
+    with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+        # why the BOM is dropped: it used to turn "id" into "\ufeffid", so every passage got its row number as id
+        lines = (line[1:] if n == 1 and line.startswith("\ufeff") else line for n, line in text_lines(f, path))
+        reader = csv.reader(lines, delimiter="\t")
+        try:
             header = next(reader, None)
             if not header or "text" not in header:
                 raise DataError(f"{path}:1: a tsv file needs a header line naming its columns (DPR: id, text, title)")
@@ -56,8 +78,8 @@ def file_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 if len(row) != len(header):
                     raise DataError(f"{where}: {len(row)} fields, the header has {len(header)} ({', '.join(header)})")
                 yield where, dict(zip(header, row))
-    else:
-        raise DataError(f"{path}: unsupported file type (use one of {', '.join(SUFFIXES)})")
+        except csv.Error as e:  # e.g. a field past TSV_FIELD_LIMIT: an unclosed quote swallowing the rest of the file
+            raise DataError(f"{path}:{reader.line_num}: {e} (is a quote left open?)") from None
 
 
 def load_qa_file(path: str | Path, id_prefix: str | None = None, require_scoreable: bool = True) -> list[QAExample]:

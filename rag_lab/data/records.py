@@ -72,6 +72,8 @@ def qa_from_row(row: dict[str, Any], where: str, default_id: str) -> QAExample:
     gold = _null_to_none(row.get("gold_passage_id"))
     if gold is not None and (not isinstance(gold, str) or not gold.strip()):
         raise DataError(f"{where}: 'gold_passage_id' must be a passage id (a non-empty string) or null, got {gold!r}")
+    for key, value in [("question", question), *(("answers", a) for a in answers), ("gold_passage_id", gold or "")]:
+        _check_unicode(value, where, key)
     return QAExample(
         id=_row_id(row, where, default_id),
         question=question.strip(),
@@ -91,7 +93,19 @@ def passage_from_row(row: dict[str, Any], where: str, default_id: str) -> Passag
     title = _null_to_none(row.get("title"))
     if title is not None and not isinstance(title, str):
         raise DataError(f"{where}: 'title' must be a string or null, got {title!r}")
+    _check_unicode(text, where, "text")
+    _check_unicode(title or "", where, "title")
     return Passage(id=_row_id(row, where, default_id), title=title or "", text=text)
+
+
+def _check_unicode(value: str, where: str, key: str) -> None:
+    """A lone surrogate (a JSON "\\ud800" without its pair) is not text: it would fail only later, when a
+    prediction or an Arrow corpus is written, far from the file that holds it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: {key!r} holds a lone surrogate {value[e.start]!r} at character {e.start}, "
+                        "which is not Unicode text (fix the escape sequence in the file)") from None
 
 
 def _null_to_none(value):
@@ -114,4 +128,5 @@ def _row_id(row: dict[str, Any], where: str, default_id: str) -> str:
         raise DataError(f"{where}: 'id' must be a string or an integer, got {type(value).__name__} {value!r}")
     if isinstance(value, float) and value.is_integer():  # pandas reads an int column with a null as floats
         value = int(value)
+    _check_unicode(str(value), where, "id")
     return str(value)
