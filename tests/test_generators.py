@@ -4,6 +4,7 @@ import torch
 
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.generators import DecoderGenerator, PromptBuilder, Seq2SeqGenerator, clean_answer, length_sorted_batches, sample_demonstrations
+from rag_lab.generators.prompts import PromptTooLong
 from tiny_models import make_tiny_causal_lm, make_tiny_seq2seq, make_tiny_tokenizer
 
 CB = "Question: {question}\nAnswer:"
@@ -55,8 +56,11 @@ def test_truncation_cuts_passages_never_the_question():
     assert "[2] berlin:" in p.text  # the second passage is cut, not dropped: >= MIN_PASSAGE_TOKENS left
     tight = builder(tok, max_input_tokens=b.count(b.render(RAG.format(context="", question=QS[5].question))) + 3)
     assert tight.rag(QS[5], PASSAGES).n_passages == 0  # not even one passage fits: none, question intact
-    with pytest.raises(ValueError, match="q5.*over max_input_tokens"):
+    # the config's to fix: a UserError (one `error:` line from the CLI) naming the key and the size it needs
+    with pytest.raises(PromptTooLong, match=r"generator.max_input_tokens = 5: question 'q5': the prompt without passages is already \d+"):
         builder(tok, max_input_tokens=5).rag(QS[5], PASSAGES)
+    with pytest.raises(PromptTooLong, match=r"generator.max_input_tokens = 5: question 'q5': the prompt is already \d+ tokens"):
+        builder(tok, max_input_tokens=5).closed_book(QS[5])
 
 
 def test_templates_must_have_their_slots():

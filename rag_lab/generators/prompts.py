@@ -7,6 +7,17 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from rag_lab.data.records import Passage, QAExample
+from rag_lab.io import UserError
+
+
+class PromptTooLong(UserError, ValueError):
+    """The question's prompt does not fit `generator.max_input_tokens` (raised while the prompts are
+    built, before any generation): the config's to fix, so one line, not a traceback."""
+
+    def __init__(self, limit: int, question_id: str, n_tokens: int, what: str):
+        super().__init__(f"generator.max_input_tokens = {limit}: question {question_id!r}: {what} is already {n_tokens} "
+                         f"tokens and over it (passages are cut to fit, never the question): raise "
+                         f"generator.max_input_tokens to more than {n_tokens}, or shorten the template")
 
 MIN_PASSAGE_TOKENS = 8  # a passage cut shorter than this is dropped rather than kept as a scrap
 
@@ -65,7 +76,7 @@ class PromptBuilder:
         text = self.render(self.closed_book_template.format(question=example.question))
         n = self.count(text)
         if n > self.max_input_tokens:
-            raise ValueError(f"question {example.id!r}: the prompt alone is {n} tokens > max_input_tokens={self.max_input_tokens}")
+            raise PromptTooLong(self.max_input_tokens, example.id, n, "the prompt")
         return Prompt(text, n, False, 0)
 
     def rag(self, example: QAExample, passages: Sequence[Passage]) -> Prompt:
@@ -76,7 +87,7 @@ class PromptBuilder:
         if budget >= 0 and self.max_context_tokens is not None:
             budget = min(budget, self.max_context_tokens)
         if budget < 0:
-            raise ValueError(f"question {example.id!r}: the prompt without passages is already over max_input_tokens={self.max_input_tokens}")
+            raise PromptTooLong(self.max_input_tokens, example.id, self.count(frame), "the prompt without passages")
         while True:  # tokenisation is not exactly additive: shrink the budget until the whole prompt fits
             context, truncated, used = self._fit(passages, budget)
             text = self.render(self.rag_template.format(context=context, question=example.question))

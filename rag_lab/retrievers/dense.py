@@ -214,8 +214,9 @@ class DenseRetriever:
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
     def _encode_rows(self, start: int, stop: int) -> np.ndarray:
-        """One chunk: the passages of rows [start, stop) in a single encoder call."""
-        return self.encode(self.passages.texts(start, stop, self.params["passage_prefix"]))
+        """One chunk: the passages of rows [start, stop) in a single encoder call (its own batch bar: a
+        chunk of 131,072 passages is most of an hour on a laptop CPU)."""
+        return self.encode(self.passages.texts(start, stop, self.params["passage_prefix"]), progress=self.show_progress)
 
     def encode_shard(self, shard: int, n_shards: int) -> Path | None:
         """Encode shard `shard` of `n_shards` (skipped when complete): one worker's part of the corpus.
