@@ -887,3 +887,13 @@ def test_nq_mini_keeps_its_two_unscoreable_pool_questions_as_published():
     pool = load_qa("nq-mini", "train")
     assert len(pool) == 1210 and sum(not any(normalize_answer(a) for a in q.answers) for q in pool) == 2
 
+
+
+@pytest.mark.parametrize("load, name, key", [(load_qa, "hf:nq_open", "data.dataset"),
+                                             (load_corpus, "hf:wiki_dpr:psgs_w100.nq.exact", "data.corpus")])
+def test_a_hub_dataset_that_cannot_be_reached_is_one_error_naming_the_key(load, name, key):
+    """Issue 22, item 4: an `hf:` id with the hub offline was the hub client's traceback."""
+    import os
+    assert os.environ["HF_DATASETS_OFFLINE"] == "1"  # conftest: nothing here may phone home
+    with pytest.raises(DataError, match=f"{key} hub dataset .*: the hub cannot be reached"):
+        load(name)

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from rag_lab.data.loaders import file_rows
+from rag_lab.data.loaders import file_rows, load_hub_dataset
 from rag_lab.data.records import Passage, passage_from_row
 from rag_lab.io import DataError, atomic_dir, read_jsonl, sha256_file, stable_hash, verified_folder, write_json, write_manifest
 from rag_lab.paths import cache_dir
@@ -141,9 +141,7 @@ def as_corpus(passages: Sequence[Passage] | Corpus) -> Corpus:
 # ---------------------------------------------------------------- conversion
 
 def _hub_rows(hub_id: str, config: str | None, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    import datasets  # why: ~2 s to import, and only hub corpora need it
-
-    ds = datasets.load_dataset(hub_id, config, split=split)  # itself memory-mapped Arrow in the hub cache
+    ds = load_hub_dataset(hub_id, config, split, "data.corpus")  # itself memory-mapped Arrow in the hub cache
     for i, row in enumerate(ds):
         yield f"{hub_id}[{split}] row {i}", dict(row)
 

@@ -115,8 +115,21 @@ def _check_unique(ids: list[str], path: Path, what: str) -> None:
 
 def load_hub_qa(hub_id: str, split: str, config: str | None = None) -> list[QAExample]:
     """Load a QA split from the Hugging Face hub (needs network), e.g. ("nq_open", "validation")."""
-    import datasets  # why: ~2 s to import, and only hub datasets need it
-
-    ds = datasets.load_dataset(hub_id, config, split=split)
+    ds = load_hub_dataset(hub_id, config, split, "data.dataset")
     prefix = f"{hub_id.split('/')[-1]}-{split}"
     return [qa_from_row(dict(row), f"{hub_id}[{split}] row {i}", f"{prefix}-{i}") for i, row in enumerate(ds)]
+
+
+def load_hub_dataset(hub_id: str, config: str | None, split: str, key: str):
+    """`datasets.load_dataset`, its failures (no network or offline mode, no such dataset, config or split)
+    one DataError naming the config key, instead of the hub client's traceback."""
+    import datasets  # why: ~2 s to import, and only hub datasets need it
+
+    what = f"{key} hub dataset {hub_id!r}" + (f" (config {config!r})" if config else "") + f", split {split!r}"
+    try:
+        return datasets.load_dataset(hub_id, config, split=split)
+    except ConnectionError as e:  # HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set, or no network
+        raise DataError(f"{what}: the hub cannot be reached ({e}) and it is not in the local cache: give a local file "
+                        f"({', '.join(SUFFIXES)}) or load it once where the hub is reachable") from None
+    except (FileNotFoundError, ValueError) as e:  # DatasetNotFoundError is a FileNotFoundError; an unknown split a ValueError
+        raise DataError(f"{what}: {e}") from None
