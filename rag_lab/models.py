@@ -43,7 +43,8 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from rag_lab.io import MANIFEST, UserError, sha256_file, stable_hash, verified_digests, verified_folder, write_manifest
+from rag_lab.io import (MANIFEST, UserError, atomic_dir, sha256_file, stable_hash, verified_digests, verified_folder,
+                        write_manifest)
 from rag_lab.paths import cache_dir
 
 # Bump when the layout of the de-quantised cache changes: old caches then count as stale.
@@ -712,7 +713,7 @@ def model_fingerprint(resolved: str | Path) -> str:
 
 # ---------------------------------------------------------------- CTranslate2 conversions (int8 readers and encoders)
 
-CONVERTED_MARK = "rag_lab_ct2.json"  # written last: a folder without it is not a finished conversion
+CONVERTED_MARK = "rag_lab_ct2.json"  # the source checkpoint and key of a conversion (the manifest proves it whole)
 
 
 class BackendError(UserError, ValueError):
@@ -742,20 +743,18 @@ def convert(model_dir: Path, quantization: str) -> Path:
     key = stable_hash({"model": model_fingerprint(model_dir), "quantization": quantization, "ct2": ctranslate2.__version__})
     root = cache_dir("models") / "ct2"
     target = root / f"{model_dir.name}-{quantization}-{key[:16]}"
-    if (target / CONVERTED_MARK).is_file():
+    # verified_folder: hashed in full against its manifest once a process; a damaged model.bin is reported,
+    # deleted and converted again (a conversion of an earlier version, without a manifest, too)
+    if verified_folder(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f"{target.name}.lock")):
-        if (target / CONVERTED_MARK).is_file():
+        if verified_folder(target):
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
-        try:
-            _convert_into(model_dir, tmp / "model", quantization)
-            (tmp / "model" / CONVERTED_MARK).write_text(json.dumps({"source": str(model_dir), "key": key}) + "\n")
-            shutil.rmtree(target, ignore_errors=True)  # an unfinished folder from a killed run
-            (tmp / "model").replace(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(target) as tmp:
+            _convert_into(model_dir, tmp, quantization)
+            (tmp / CONVERTED_MARK).write_text(json.dumps({"source": str(model_dir), "key": key}) + "\n")
+            write_manifest(tmp)
     return target
 
 
@@ -763,7 +762,8 @@ def _convert_into(model_dir: Path, out: Path, quantization: str) -> None:
     from ctranslate2.converters import TransformersConverter  # why: optional backend (require_ctranslate2 checked it)
 
     try:
-        TransformersConverter(str(model_dir), low_cpu_mem_usage=True).convert(str(out), quantization=quantization)
+        # force: `out` is atomic_dir's fresh temp folder, which the converter would otherwise refuse
+        TransformersConverter(str(model_dir), low_cpu_mem_usage=True).convert(str(out), quantization=quantization, force=True)
     except (ValueError, NotImplementedError, KeyError) as e:  # e.g. an architecture without a CT2 loader
         raise BackendError(f"ctranslate2 cannot convert {model_dir}: {e}; use the transformers / sentence-transformers backend") from e
     # CT2 refuses a null special token when it loads the model; tokenizers without a BOS token

@@ -1,6 +1,7 @@
 """The CTranslate2 backend: the same records as transformers (identical in float32), a conversion
 cached by content, and one clear error for each way it can be misused."""
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from rag_lab.config import ConfigError, GeneratorConfig
 from rag_lab.data.records import Passage, QAExample
 from rag_lab import models
 from rag_lab.generators import build_generator, ct2
+from rag_lab.io import CacheRepaired, forget_verified
 from tiny_models import make_tiny_causal_lm
 
 QS = [QAExample(f"q{i}", q, ("paris",)) for i, q in enumerate([
@@ -85,9 +87,27 @@ def test_conversion_is_cached_by_content(tiny_checkpoint, monkeypatch):
     assert ct2.convert(tiny_checkpoint, "float32") != first and len(calls) == 3
 
 
+def test_a_damaged_conversion_is_reported_and_converted_again(tiny_checkpoint, monkeypatch):
+    """Issue 22, item 4: a model.bin damaged in the cache (its size and mtime kept) was loaded as it was."""
+    calls = []
+    real = models._convert_into
+    monkeypatch.setattr(models, "_convert_into", lambda *a: (calls.append(a), real(*a)))
+    first = ct2.convert(tiny_checkpoint, "float32")
+    weights = first / "model.bin"
+    stat = weights.stat()
+    weights.write_bytes(bytes(stat.st_size))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    forget_verified()  # as the next process would: it hashes the folder in full once
+    with pytest.warns(CacheRepaired, match="model.bin differs"):
+        again = ct2.convert(tiny_checkpoint, "float32")
+    assert again == first and len(calls) == 2 and weights.read_bytes() != bytes(stat.st_size)
+    forget_verified()
+    assert ct2.convert(tiny_checkpoint, "float32") == first and len(calls) == 2  # whole again: no third conversion
+
+
 def test_a_failed_conversion_leaves_nothing(tiny_checkpoint, monkeypatch):
     def boom(model_dir, out, quantization):
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "model.bin").write_bytes(b"half")
         raise ct2.BackendError("killed")
 
