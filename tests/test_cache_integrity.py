@@ -91,3 +91,23 @@ def test_a_verified_folder_fingerprints_from_its_manifest_without_reading_the_we
     monkeypatch.setattr(models, "sha256_file", lambda p: pytest.fail(f"{p} hashed twice"))
     monkeypatch.setattr(io_module, "sha256_file", lambda p: pytest.fail(f"{p} hashed twice"))
     assert models.model_fingerprint(model) == unverified  # the same identity either way
+
+
+def test_a_shard_folder_claiming_more_rows_than_it_holds_is_encoded_again(tmp_path):
+    """Issue 22, item 5: `rows-0-8/emb.npy` holding 5 rows (its manifest written over those bytes) was
+    served as rows 0-8, shifting every later passage's vector."""
+    import numpy as np
+    from rag_lab.retrievers.dense import EmbeddingStore
+
+    store = EmbeddingStore(tmp_path / "emb", n_rows=16, chunk=8)
+    encode = lambda a, b: np.full((b - a, 4), a, dtype=np.float32)  # noqa: E731 (rows a..b-1 of a fake encoder)
+    good = store.write_shard(8, 16, encode, np.float32)
+    short = store.shard_folder(0, 8)
+    short.mkdir(parents=True)
+    np.save(short / "emb.npy", np.zeros((5, 4), np.float32))
+    write_manifest(short)
+    with pytest.warns(CacheRepaired, match="emb.npy holds 5 rows, its name claims 8"):
+        shards, missing = store.walk()
+    assert [s[2] for s in shards] == [good] and missing == [(0, 8)] and not short.exists()
+    store.write_shard(0, 8, encode, np.float32)
+    assert store.missing() == [] and len(store.shards()) == 2

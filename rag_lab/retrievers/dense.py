@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from rag_lab.data.corpus import Corpus, as_corpus
 from rag_lab.data.records import Passage, QAExample, passage_text
-from rag_lab.io import atomic_dir, stable_hash, verified_folder, write_manifest
+from rag_lab.io import atomic_dir, discard, stable_hash, verified_folder, write_manifest
 from rag_lab.models import load_sentence_encoder, model_fingerprint, resolve_model
 from rag_lab.retrievers.base import Hit, RetrieverSettingError, check_k, check_questions, hits_from_arrays
 from rag_lab.retrievers.cache import retriever_cache_dir
@@ -72,7 +72,7 @@ class EmbeddingStore:
             if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
                 continue
             start, stop = int(parts[1]), int(parts[2])
-            if start < stop <= self.n_rows and verified_folder(d):
+            if start < stop <= self.n_rows and verified_folder(d) and _holds_rows(d, stop - start):
                 found.setdefault(start, []).append((stop, d))
         shards, gaps, pos = [], [], 0
         while pos < self.n_rows:
@@ -98,7 +98,7 @@ class EmbeddingStore:
                     show_progress: bool = False) -> Path:
         """Encode rows [start, stop) chunk by chunk (`encode(a, b)` -> float32 [b - a, d]) into one shard."""
         target = self.shard_folder(start, stop)
-        if target.exists() and verified_folder(target):
+        if target.exists() and verified_folder(target) and _holds_rows(target, stop - start):
             return target
         with atomic_dir(target) as tmp:
             out = None
@@ -114,6 +114,20 @@ class EmbeddingStore:
             del out
             write_manifest(tmp)
         return target
+
+
+def _holds_rows(shard: Path, n: int) -> bool:
+    """A shard's emb.npy holds the rows its name claims (a manifest proves the bytes, not that they
+    are the right rows); otherwise it is reported, deleted and encoded again."""
+    try:
+        rows = np.load(shard / "emb.npy", mmap_mode="r").shape[0]
+    except (OSError, ValueError) as e:
+        discard(shard, f"emb.npy is not a readable array ({e})")
+        return False
+    if rows != n:
+        discard(shard, f"emb.npy holds {rows} rows, its name claims {n}")
+        return False
+    return True
 
 
 class ShardedEmbeddings:
