@@ -50,11 +50,27 @@ def upsert_rows(csv_path: str | Path, rows: Sequence[dict] | Callable[[], Sequen
         if order is not None:
             table = order(table).reset_index(drop=True)
         buf = io.StringIO()
-        table.to_csv(buf, index=False)
+        _counts_as_integers(table).to_csv(buf, index=False)
         atomic_write_text(csv_path, buf.getvalue())
         shown = render(table) if render else table
         atomic_write_text(csv_path.with_suffix(".md"), to_markdown(shown, title, note))
     return table
+
+
+# counts in any results table: a row without one (NaN) turns pandas' column to float, and the CSV would say
+# `135.0`; they are written as integers with an empty cell for the missing
+COUNT_COLUMNS = ("n", "k", "n_in_corpus", "n_answer_in_corpus", "truncated", "budget", "depth", "flops",
+                 "system only right", "baseline only right", "n for 80% power")
+
+
+def _counts_as_integers(table: pd.DataFrame) -> pd.DataFrame:
+    out = table.copy()
+    for col in COUNT_COLUMNS:
+        if col in out and pd.api.types.is_float_dtype(out[col]):
+            values = out[col].dropna()
+            if (values == values.round()).all():
+                out[col] = out[col].astype("Int64")
+    return out
 
 
 def _readable_or_set_aside(csv_path: Path) -> pd.DataFrame:

@@ -281,3 +281,11 @@ def test_a_batch_line_cut_off_by_a_kill_is_dropped_quietly(env, tmp_path):
         warnings.simplefilter("error")
         assert read_batch_log(log, "k") == [json.loads(whole)]
     assert log.read_text() == whole
+
+
+def test_count_columns_stay_integers_when_a_row_lacks_them(tmp_path):
+    """Issue 22, item 6: a row without in-corpus data turned `n_in_corpus` into floats (`460.0`) for every row."""
+    path = tmp_path / "t.csv"
+    upsert_rows(path, [{"experiment": "a", "n": 500, "n_in_corpus": 460, "k": 5, "em": 0.5}], key=("experiment",))
+    upsert_rows(path, [{"experiment": "b", "n": 501, "em": 0.25}], key=("experiment",))
+    assert path.read_text().splitlines() == ["experiment,n,n_in_corpus,k,em", "a,500,460,5,0.5", "b,501,,,0.25"]
