@@ -20,11 +20,13 @@ are set, and importing the module loads no model and no heavy library.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -709,6 +711,22 @@ def model_fingerprint(resolved: str | Path) -> str:
     files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith(".") and f.name not in NOT_WEIGHTS)
     stamp = tuple((f.relative_to(path).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     return _folder_fingerprint(str(path), stamp)
+
+
+@contextlib.contextmanager
+def unreported(logger_name: str, fragment: str):
+    """Drop the records of one transformers logger whose message contains `fragment`, inside the block: a
+    report that is expected where it is used (each caller says why); every other record still passes."""
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return fragment not in record.getMessage()
+
+    drop, logger = Drop(), logging.getLogger(logger_name)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 # ---------------------------------------------------------------- CTranslate2 conversions (int8 readers and encoders)

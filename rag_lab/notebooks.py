@@ -6,11 +6,17 @@ and leave the committed notebooks untouched.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import sys
 import time
 from pathlib import Path
 
+import nbformat
 import papermill as pm
 
+from rag_lab.io import atomic_write_text
 from rag_lab.paths import REPO_ROOT, results_dir
 from rag_lab.timings import StageTiming, record
 
@@ -33,10 +39,78 @@ def run_notebook(notebook: Path, profile: str, kernel: str = "python3") -> Path:
     out = output_path(notebook, profile)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.ipynb")  # atomic: a failed run leaves the old notebook
-    pm.execute_notebook(str(notebook), str(tmp), parameters={"profile": profile}, kernel_name=kernel,
-                        cwd=str(notebook.parent), progress_bar=False)
+    # The kernel inherits TQDM_DISABLE: progress bars drawn into a saved notebook are carriage-return fragments;
+    # its printed lines (which stage is running) stream to this terminal instead.
+    with _environment(TQDM_DISABLE="1"):
+        pm.execute_notebook(str(notebook), str(tmp), parameters={"profile": profile}, kernel_name=kernel,
+                            cwd=str(notebook.parent), progress_bar=False, stdout_file=sys.stdout)
+    portable_outputs(tmp)
     tmp.replace(out)
     return out
+
+
+def portable_outputs(path: Path, root: Path = REPO_ROOT) -> None:
+    """Rewrite a notebook's outputs as they should be committed: the machine's absolute paths relative
+    (the repository's to it, the home folder to `~`), and no progress-bar fragments on stderr (a
+    notebook executed before TQDM_DISABLE was set holds hundreds)."""
+    nb = nbformat.read(str(path), as_version=4)
+    swaps = [(str(root) + "/", ""), (str(root), "."), (str(Path.home()) + "/", "~/")]
+
+    def clean(text):
+        if isinstance(text, list):
+            return [clean(t) for t in text]
+        for old, new in swaps:
+            text = text.replace(old, new)
+        return text
+
+    for cell in nb.get("cells", []):
+        outputs = []
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and output.get("name") == "stderr":
+                output["text"] = _without_bars(output["text"])
+                if not output["text"]:
+                    continue
+            for key in ("text", "traceback"):
+                if key in output:
+                    output[key] = clean(output[key])
+            for mime in ("text/plain", "text/markdown", "text/html"):
+                if mime in output.get("data", {}):
+                    output["data"][mime] = clean(output["data"][mime])
+            outputs.append(output)
+        if "outputs" in cell:
+            cell["outputs"] = outputs
+    run = nb.get("metadata", {}).get("papermill", {})
+    for key in ("input_path", "output_path"):  # the output is named as committed, not as the temp file it was written to
+        if isinstance(run.get(key), str):
+            run[key] = re.sub(r"(^|/)\.([^/]+\.ipynb)\.tmp\.ipynb$", r"\1\2", clean(run[key]))
+    atomic_write_text(path, nbformat.writes(nb))
+
+
+BAR = re.compile(r"\d+%\|.*\||\[\d\d:\d\d(:\d\d)?(<[^,\]]*)?, [^\]]*(it/s|s/it|/s)\]")  # tqdm's "42%|███ |" or "[00:03<00:10, 5.1it/s]"
+
+
+def _without_bars(text: str) -> str:
+    """stderr text without tqdm's lines: each \\r-separated segment that is a bar goes."""
+    lines = []
+    for line in text.split("\n"):
+        kept = [seg for seg in line.split("\r") if seg.strip() and not BAR.search(seg)]
+        if kept or (line == "" and lines and lines[-1] != ""):
+            lines.append(kept[-1] if kept else "")
+    return "\n".join(lines).strip("\n") + ("\n" if any(lines) else "")
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_notebooks(profile: str = "default", notebooks: list[Path] | None = None) -> list[Path]:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from rag_lab.data.records import Passage, QAExample, passage_text
-from rag_lab.models import resolve_model
+from rag_lab.models import resolve_model, unreported
 
 # Seed for a randomly initialised QA head, so that even an untrained reader gives the same
 # spans run after run (the caller's RNG is left untouched: see `load_qa_model`).
@@ -94,8 +94,11 @@ def load_qa_model(name_or_path: str):
     path = str(resolve_model(name_or_path))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(HEAD_INIT_SEED)
-        model, info = AutoModelForQuestionAnswering.from_pretrained(
-            path, trust_remote_code=False, use_safetensors=True, output_loading_info=True)
+        # why unreported: a sentence encoder read as a span reader always "misses" the new qa_outputs head and
+        # leaves its pooler unused; `head_is_trained` below says what matters, in one warning of ours
+        with unreported("transformers.modeling_utils", "LOAD REPORT"):
+            model, info = AutoModelForQuestionAnswering.from_pretrained(
+                path, trust_remote_code=False, use_safetensors=True, output_loading_info=True)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     head_is_trained = not any("qa_outputs" in key for key in info.get("missing_keys", ()))
     return model, tokenizer, head_is_trained

@@ -20,6 +20,7 @@ them, retrieves their passages (`pipeline.contexts`) and hands them over.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -44,7 +45,7 @@ from rag_lab.data.records import Passage, QAExample
 from rag_lab.generators import DecoderGenerator, prompt_builder
 from rag_lab.io import UserError, atomic_dir, discard, verified_folder, write_json, write_manifest
 from rag_lab.metrics import score_predictions
-from rag_lab.models import load_causal_lm
+from rag_lab.models import load_causal_lm, unreported
 
 CONFIG_FILE = "rag_lab_config.json"  # the settings that made a checkpoint folder
 TRAINING_FILE = "rag_lab_training.json"  # how a final model was made, written beside its weights
@@ -299,10 +300,21 @@ def timed_train(trainer, resume: str | None) -> tuple[object, dict]:
     """`trainer.train(resume)` and what it cost: seconds, and the process's peak RSS so far (GB).
     Under torchrun, the process group the Trainer opened is closed at exit."""
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    with tied_head_unreported(trainer.model):
+        result = trainer.train(resume_from_checkpoint=resume)
     close_process_group_at_exit()
     return result, {"train_seconds": round(time.perf_counter() - t0, 1),
                     "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
+def tied_head_unreported(model):
+    """Loading the best checkpoint back at the end, the Trainer says `lm_head.weight` is missing when the
+    model ties its output layer to its input embeddings (SmolLM2 and Qwen2.5 do): the checkpoint stores the
+    shared tensor once and loading it restores both. Only that line is dropped, and only for a tied model."""
+    config = getattr(model, "config", None)
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "text_config", None), "tie_word_embeddings", False)
+    return (unreported("transformers.trainer", "missing keys in the checkpoint model loaded: ['lm_head.weight']") if tied
+            else contextlib.nullcontext())
 
 
 @functools.cache
