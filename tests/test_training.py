@@ -292,3 +292,23 @@ def test_flat_dev_em_picks_the_lowest_dev_loss_not_the_first_checkpoint(tmp_path
     best = min(history, key=lambda h: (h["eval_loss"], -h["step"]))
     assert best["step"] != history[0]["step"]  # training lowers the dev loss: the first checkpoint is not the best
     assert report["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
+
+
+def test_keep_checkpoints_false_deletes_them_once_the_final_model_is_saved(tmp_path):
+    """Issue 22, item 6 (disk): a smoke reproduce left 6.6 GB of checkpoints. The Trainer keeps the chosen and
+    the last one; `training.keep_checkpoints: false` deletes those too, never the final model, and moves no key."""
+    from rag_lab.config import load_experiment
+    from rag_lab.paths import REPO_ROOT
+    from rag_lab.runner import training_record
+    from rag_lab.training.generator import FINAL, finish_checkpoints
+
+    for name in ("checkpoint-38", "checkpoint-88", FINAL):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"w")
+    finish_checkpoints(tmp_path, settings())  # the default keeps them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-38", "checkpoint-88", FINAL]
+    finish_checkpoints(tmp_path, settings(keep_checkpoints=False))
+    assert [p.name for p in tmp_path.iterdir()] == [FINAL]
+    path = REPO_ROOT / "experiments" / "finetune_rag.yaml"
+    assert training_record(load_experiment(path, overrides=["training.keep_checkpoints=false"]), 0) == \
+        training_record(load_experiment(path), 0)

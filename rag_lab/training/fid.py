@@ -21,7 +21,7 @@ from rag_lab.generators import FiDGenerator, prompt_builder
 from rag_lab.generators.fusion import FiDModel, fid_batch
 from rag_lab.io import write_json
 from rag_lab.models import load_seq2seq_lm
-from rag_lab.training.generator import (CONFIG_FILE, FINAL, IGNORE, DevEMCallback, ListDataset, ModuleTrainer, Split, StopOnNonFiniteLoss,
+from rag_lab.training.generator import (finish_checkpoints, CONFIG_FILE, FINAL, IGNORE, DevEMCallback, ListDataset, ModuleTrainer, Split, StopOnNonFiniteLoss,
                                         TrainingError, TrainSettings, resume_point, save_model, timed_train, training_arguments)
 
 
@@ -82,4 +82,5 @@ def train_fid(examples: Split[QAExample], contexts: Split[list[Passage]], settin
             "log_history": trainer.state.log_history, "dev_history": callback.history if callback else []}
     info = json.loads(json.dumps(info, default=str))
     save_model(trainer.model.model, tokenizer, output_dir / FINAL, info)
+    finish_checkpoints(output_dir, settings)
     return info

@@ -28,6 +28,7 @@ import json
 import math
 import random
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ import torch
 from accelerate import PartialState
 from peft import LoraConfig, get_peft_model
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from rag_lab.config import GeneratorConfig, TrainingConfig
 from rag_lab.data.records import Passage, QAExample
@@ -59,7 +60,7 @@ class TrainingError(UserError, RuntimeError):
 
 
 # how a run is carried out, not what it learns: changing them neither moves the checkpoint folder nor blocks a resume
-RUNTIME_ONLY = ("gradient_checkpointing", "save_optimizer")
+RUNTIME_ONLY = ("gradient_checkpointing", "save_optimizer", "keep_checkpoints")
 
 
 @dataclass
@@ -404,6 +405,16 @@ def fit_generator(model, tokenizer, train_examples: list[dict], output_dir: str 
             "dev_history": dev_callback.history if dev_callback else []}
 
 
+def finish_checkpoints(output_dir: Path, settings: TrainingConfig) -> None:
+    """After the final model is saved: `training.keep_checkpoints: false` deletes the checkpoint folders
+    (the main process alone; the others wait). The final model never lives in one."""
+    state = PartialState()
+    if not settings.keep_checkpoints and state.is_main_process:
+        for checkpoint in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            shutil.rmtree(checkpoint)
+    state.wait_for_everyone()
+
+
 def save_model(model, tokenizer, path: str | Path, info: dict) -> Path:
     """Save the final model (safetensors) + tokenizer + how it was made, atomically, loadable by path."""
     path = Path(path)
@@ -464,4 +475,5 @@ def train_generator(examples: Split[QAExample], contexts: Split[list[Passage]] |
     if state.is_main_process:  # one writer under DDP; the other ranks wait until the folder is there
         save_model(report["model"], tokenizer, output_dir / FINAL, info)
     state.wait_for_everyone()
+    finish_checkpoints(output_dir, settings)
     return info

@@ -47,7 +47,7 @@ from rag_lab.generators import prompt_builder
 from rag_lab.generators.fusion import answer_logprobs, marginal_logprob
 from rag_lab.io import atomic_dir, read_checked, write_checked, write_json, write_manifest
 from rag_lab.models import load_causal_lm, load_seq2seq_lm, load_sentence_encoder
-from rag_lab.training.generator import (CONFIG_FILE, FINAL, TRAINING_FILE, ListDataset, ModuleTrainer, Split, StopOnNonFiniteLoss, TrainingError,
+from rag_lab.training.generator import (finish_checkpoints, CONFIG_FILE, FINAL, TRAINING_FILE, ListDataset, ModuleTrainer, Split, StopOnNonFiniteLoss, TrainingError,
                                         TrainSettings, resume_point, timed_train, training_arguments)
 
 QUERY_ENCODER = "query_encoder"  # the subfolder of a final model that holds the trained query encoder
@@ -337,4 +337,5 @@ def train_joint(examples: Split[QAExample], index: PassageIndex, settings: Train
             "global_step": report["global_step"], "best_checkpoint": report["best_checkpoint"], "log_history": report["log_history"]}
     info = json.loads(json.dumps(info, default=str))
     save_joint_model(model, output_dir / FINAL, info)
+    finish_checkpoints(output_dir, settings)
     return info

@@ -33,7 +33,7 @@ from rag_lab.generators.extractive import ExtractiveReader, load_qa_model
 from rag_lab.io import write_json
 from rag_lab.metrics import AnswerInPassage
 from rag_lab.models import resolve_model
-from rag_lab.training.generator import (CHECKPOINT_RULE, CONFIG_FILE, FINAL, DevEMCallback, ListDataset, Split, StopOnNonFiniteLoss,
+from rag_lab.training.generator import (finish_checkpoints, CHECKPOINT_RULE, CONFIG_FILE, FINAL, DevEMCallback, ListDataset, Split, StopOnNonFiniteLoss,
                                         TrainingError, TrainSettings, resume_point, save_model, timed_train,
                                         training_arguments)
 
@@ -206,6 +206,7 @@ def fit_reader(model_name_or_path: str, features: list[dict], dev_examples: Sequ
             "log_history": trainer.state.log_history, "dev_history": dev_callback.history if dev_callback else []}
     info = json.loads(json.dumps(info, default=str))
     final = save_model(trainer.model, tokenizer, output_dir / FINAL, info)
+    finish_checkpoints(output_dir, settings)
     return {**info, "final_dir": str(final)}
 
 
