@@ -53,7 +53,8 @@ def child(mode: str, steps: int, batch_size: int, rag: bool) -> None:
     import torch
 
     from rag_lab.models import load_causal_lm
-    from rag_lab.training.generator import TrainSettings, apply_lora, pad_collate
+    from rag_lab.training.common import TrainSettings, pad_collate
+    from rag_lab.training.generator import apply_lora
 
     model, tok = load_causal_lm("smollm2-135m-instruct")
     examples = training_examples(tok, steps * batch_size, rag)
@@ -92,7 +93,8 @@ def trainer_child(model, tok, examples: list[dict], batch_size: int, n_params: i
 
     from transformers import TrainerCallback
 
-    from rag_lab.training.generator import TrainSettings, generator_trainer
+    from rag_lab.training.common import TrainSettings
+    from rag_lab.training.generator import generator_trainer
 
     step_tokens, step_head_rows = [], []
 

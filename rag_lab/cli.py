@@ -13,6 +13,7 @@ from rag_lab.data import build_nq_mini
 from rag_lab.io import UserError
 from rag_lab.paths import REPO_ROOT, data_dir, profile_results_dir
 from rag_lab.readme import update_readme
+from rag_lab.runs import check_run_folder, main_table_problem, rebuild_main_table, run_folders
 
 
 def _build_data(args: argparse.Namespace) -> None:
@@ -97,8 +98,6 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _table(args: argparse.Namespace) -> None:
-    from rag_lab.runner import main_table_problem, rebuild_main_table  # why: loads torch and transformers (seconds)
-
     if args.rebuild:
         print(f"rebuilt from the run folders ({main_table_problem(args.profile) or 'the table was consistent'})")
         rebuild_main_table(args.profile)
@@ -110,8 +109,6 @@ def _table(args: argparse.Namespace) -> None:
 
 
 def _runs(args: argparse.Namespace) -> None:
-    from rag_lab.runner import check_run_folder, main_table_problem, run_folders  # why: loads torch (seconds)
-
     bad = 0
     for run_dir in run_folders(args.profile):
         problem = check_run_folder(run_dir)

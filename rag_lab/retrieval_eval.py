@@ -3,6 +3,7 @@ answer-in-corpus subset; rows for results/retrieval.{csv,md}."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,19 +13,22 @@ import numpy as np
 import pandas as pd
 
 from rag_lab.budget import budget_curve, choose_setting, curves_table
-from rag_lab.config import GeneratorConfig, load_experiment
+from rag_lab.config import GeneratorConfig, RetrieverConfig, RetrieverTrainingConfig, load_experiment
 from rag_lab.data import load_qa
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.data.subsets import corpus_for, corpus_label, eval_set_name, subset_questions
 from rag_lab.generators import prompt_builder
+from rag_lab.io import verified_folder
 from rag_lab.metrics import AnswerInPassage, answer_recall_at_k, bootstrap_ci
 from rag_lab.models import load_tokenizer, resolve_model
 from rag_lab.paths import profile_results_dir
 from rag_lab.pipeline import Contexts, contexts, contexts_from_hits
 from rag_lab.results import KS, display_budget_table, display_retrieval_table, upsert_rows
 from rag_lab.retrievers.base import Hit
-from rag_lab.runner import ensure_retriever_trained
+from rag_lab.training import train_dense_retriever
+from rag_lab.training.common import TRAINING_FILE
 
+MINING_RETRIEVER = RetrieverConfig(kind="bm25")  # DPR mines positives and hard negatives from BM25's ranking
 # The literature's figures over all of Wikipedia (DPR's 21M 100-word passages, NQ-open test), to read beside ours:
 # NQ-mini 2 plants the gold passages among passages not chosen as their neighbours, so it is somewhat easier.
 LITERATURE = pd.DataFrame([
@@ -227,3 +231,24 @@ def check_rag_rows_follow(study: BudgetStudy, experiments: Path, profile: str = 
                    f"differs from the best measured here ({best.setting}, {study.choose_at} context tokens)")
         lines.append(f"{name}: {used}, {cfg.generator.max_context_tokens} context tokens — {verdict}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the fine-tuned dense retriever it compares
+
+def ensure_retriever_trained(tcfg: RetrieverTrainingConfig, data_cfg, passages: Sequence[Passage], cache: Path | None = None,
+                             show_progress: bool = True) -> Path:
+    """The dense retriever fine-tuned on the train split (pairs mined from each question's BM25
+    top `mining_depth` over `passages`), at `tcfg.output`; reused when a model trained with this
+    exact config (recorded in its rag_lab_training.json) is already there."""
+    out = Path(tcfg.output)
+    what = {k: v for k, v in dataclasses.asdict(tcfg).items() if k != "output"}  # what is trained, not where it goes
+    record = json.loads(json.dumps({"train_retriever": what, "data": dataclasses.asdict(data_cfg),
+                                    "n_passages": len(passages)}, default=str))
+    report = out / TRAINING_FILE  # written with the weights: the study's config is part of it
+    if report.exists() and json.loads(report.read_text(encoding="utf-8")).get("study_config") == record \
+            and verified_folder(out):  # damaged weights are deleted and trained again
+        return out
+    train = subset_questions(load_qa(data_cfg.dataset, data_cfg.train_split), data_cfg.n_train, data_cfg.subset_seed)
+    (bm25,) = contexts(MINING_RETRIEVER, passages, tcfg.mining_depth, train, cache_dir=cache, show_progress=show_progress)
+    train_dense_retriever(train, bm25.passages, tcfg, out, notes={"study_config": record})
+    return out

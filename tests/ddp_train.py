@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import make_tiny_causal_lm  # noqa: E402
 
-from rag_lab.training.generator import TrainSettings, build_sft_examples, fit_generator  # noqa: E402
+from rag_lab.training.common import TrainSettings  # noqa: E402
+from rag_lab.training.generator import build_sft_examples, fit_generator  # noqa: E402
 
 out, per_device = Path(sys.argv[1]), int(sys.argv[2])
 model, tok = make_tiny_causal_lm(seed=0)

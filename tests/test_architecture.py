@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,9 @@ ALLOWED = {
     "training": {"training", "config", "data", "generators", "io", "metrics", "models"},
     "pipeline": {"data", "retrievers", "timings"},
     "results": {"io", "metrics", "paths"}, "timings": {"paths", "results"},
-    "runner": LOW | {"generators", "pipeline", "results", "timings", "training"},
+    # the run folders and the main table they stand for: read by `rag-lab table` / `runs` without torch
+    "runs": {"config", "data", "io", "paths", "results"},
+    "runner": LOW | {"generators", "pipeline", "results", "runs", "timings", "training"},
     # Ray Data actors build one shard's encoder or one generator; never the runner or a whole index
     "scale": {"data", "io", "retrievers", "generators"},
 }
@@ -128,3 +132,11 @@ def test_the_architecture_page_names_every_part():
     page = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
     for owner in ALLOWED:
         assert f"`{owner}" in page, owner
+
+
+def test_the_table_and_run_folder_commands_import_no_torch():
+    """Issue 23: `rag-lab table` and `rag-lab runs --check` read CSV and JSON; importing torch for them took seconds."""
+    code = ("import sys; from rag_lab import cli, runs; "
+            "assert not {'torch', 'transformers'} & set(sys.modules), sorted({'torch', 'transformers'} & set(sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

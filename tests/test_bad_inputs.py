@@ -470,7 +470,7 @@ TABLE_DAMAGE = [damage_empty, damage_header_only, damage_truncated_mid_row, dama
 
 @pytest.mark.parametrize("damage", TABLE_DAMAGE, ids=lambda f: "table-" + f.__name__.removeprefix("damage_"))
 def test_a_damaged_main_table_is_detected_and_rebuilt_from_the_run_folders(damage, results, capsys):
-    from rag_lab.runner import main_table_problem, repair_main_table
+    from rag_lab.runs import main_table_problem, repair_main_table
 
     assert main_table_problem() is None
     damage(results / "main_table.csv")
@@ -486,7 +486,7 @@ def test_a_damaged_main_table_is_detected_and_rebuilt_from_the_run_folders(damag
 def test_a_row_whose_run_folder_is_gone_is_found_and_dropped_by_the_rebuild(results, capsys):
     import shutil
 
-    from rag_lab.runner import main_table_problem, repair_main_table
+    from rag_lab.runs import main_table_problem, repair_main_table
 
     gone = next((results / "runs" / "qwen_rag").iterdir())
     shutil.rmtree(gone)
@@ -522,7 +522,7 @@ RUN_DAMAGE = [  # (id, how to damage one run folder, fragment of the report)
 
 @pytest.mark.parametrize("case", RUN_DAMAGE, ids=lambda c: c[0])
 def test_runs_check_reports_a_damaged_run_folder(case, results, capsys):
-    from rag_lab.runner import repair_main_table
+    from rag_lab.runs import repair_main_table
 
     _, damage, fragment = case
     damage(next((results / "runs" / "closed_book_zero_shot").iterdir()))
@@ -534,19 +534,19 @@ def test_runs_check_reports_a_damaged_run_folder(case, results, capsys):
 
 
 def test_a_run_folder_appears_only_complete(tmp_path, monkeypatch):
-    from rag_lab import runner
+    from rag_lab import runs
     from rag_lab.config import ExperimentConfig
 
     monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(tmp_path / "results"))
-    real = runner.write_jsonl
+    real = runs.write_jsonl
 
     def killed(path, rows):  # the process dies while writing predictions.jsonl
         real(path, rows)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner, "write_jsonl", killed)
+    monkeypatch.setattr(runs, "write_jsonl", killed)
     with pytest.raises(KeyboardInterrupt):
-        runner.write_run_folder(ExperimentConfig(name="x"), "default", "k" * 20, [{"id": 1}], {"all": {"n": 1}}, {})
+        runs.write_run_folder(ExperimentConfig(name="x"), "default", "k" * 20, [{"id": 1}], {"all": {"n": 1}}, {})
     assert not (tmp_path / "results" / "runs" / "x" / ("k" * 12)).exists()
     assert list((tmp_path / "results" / "runs" / "x").iterdir()) == []  # and no temporary left behind
 
@@ -686,7 +686,7 @@ def test_an_experiment_named_na_is_a_table_row_not_a_damaged_table(results, caps
     import shutil
 
     from rag_lab.results import upsert_main_table
-    from rag_lab.runner import main_table_problem, rebuild_main_table, row_from_run_folder
+    from rag_lab.runs import main_table_problem, rebuild_main_table, row_from_run_folder
 
     src = next((results / "runs" / "closed_book_zero_shot").iterdir())
     dst = results / "runs" / "NA" / src.name
@@ -701,7 +701,7 @@ def test_an_experiment_named_na_is_a_table_row_not_a_damaged_table(results, caps
 def test_rebuilding_the_main_table_never_leaves_it_missing(results):
     import threading
 
-    from rag_lab.runner import rebuild_main_table
+    from rag_lab.runs import rebuild_main_table
 
     path, done, missing = results / "main_table.csv", threading.Event(), []
     before = sorted(pd.read_csv(path)["experiment"])

@@ -15,8 +15,8 @@ from rag_lab.config import DataConfig, ExperimentConfig, GeneratorConfig, Retrie
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.generators.extractive import ExtractiveReader, load_qa_model
 from rag_lab.data.records import passage_text
-from rag_lab.training.generator import CONFIG_FILE, RUNTIME_ONLY, TrainingError, TrainSettings
 from rag_lab.runner import data_stage, train_stage
+from rag_lab.training.common import CONFIG_FILE, RUNTIME_ONLY, TrainingError, TrainSettings
 from rag_lab.training.reader import build_reader_features, find_answer_spans, fit_reader, qa_collate
 from test_extractive import BERLIN, FRANCE, LOUIS, Q_FRANCE, make_bert_style_tokenizer, save_tiny_bert, tiny_bert_config
 

@@ -20,7 +20,8 @@ from rag_lab.retrievers import BM25Retriever
 from rag_lab.pipeline import contexts_from_hits
 from rag_lab.training import TrainPair, contrastive_loss, mine_training_pairs
 from rag_lab.training.retriever import fit_dense_retriever
-from rag_lab.training.retriever import TRAINING_FILE, _columns
+from rag_lab.training.common import TRAINING_FILE
+from rag_lab.training.retriever import _columns
 from tiny_models import make_tiny_encoder
 
 CORPUS = [

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from rag_lab.training.generator import (IGNORE, TrainingError, TrainSettings, answer_logits_collate, answer_logits_loss,
-                                        apply_lora, build_sft_examples, keeps_logits_at_positions, pad_collate,
-                                        padding_fraction, fit_generator)
+from rag_lab.training.common import IGNORE, TrainingError, TrainSettings, pad_collate
+from rag_lab.training.generator import (answer_logits_collate, answer_logits_loss, apply_lora, build_sft_examples, fit_generator,
+                                        keeps_logits_at_positions, padding_fraction)
 from tiny_models import make_tiny_causal_lm
 
 PROMPTS = ["question who was king answer", "question what is the capital of france answer",
@@ -248,7 +248,7 @@ def test_two_processes_match_one(tmp_path):
 def test_a_finished_model_with_damaged_weights_is_trained_again(tmp_path):
     """Issue 13: `finished` vouches for a final folder only when its files match the manifest written with it."""
     from rag_lab.io import CacheRepaired
-    from rag_lab.training.generator import FINAL, finished, save_model
+    from rag_lab.training.common import FINAL, finished, save_model
 
     model, tok = make_tiny_causal_lm()
     record = {"what": "tiny"}
@@ -263,7 +263,7 @@ def test_a_finished_model_with_damaged_weights_is_trained_again(tmp_path):
 
 
 def test_checkpoint_rule_breaks_dev_em_ties_by_dev_loss_then_the_later_step():
-    from rag_lab.training.generator import selection_score
+    from rag_lab.training.common import selection_score
 
     assert selection_score(0.02, 3.0, 10) > selection_score(0.01, 0.1, 50)  # dev EM first: one dev question outweighs loss
     assert selection_score(0.01, 2.8, 38) > selection_score(0.01, 2.9, 13)  # a tie goes to the lower dev loss
@@ -274,7 +274,7 @@ def test_checkpoint_rule_breaks_dev_em_ties_by_dev_loss_then_the_later_step():
 def test_flat_dev_em_picks_the_lowest_dev_loss_not_the_first_checkpoint(tmp_path):
     """At small scale dev EM is often flat (the same at every evaluation): the Trainer used to keep the earliest
     checkpoint. The rule picks the checkpoint with the lowest dev loss."""
-    from rag_lab.training.generator import DevEMCallback
+    from rag_lab.training.common import DevEMCallback
 
     class Silent:  # a reader that is always wrong: dev EM 0.0 at every evaluation
         def generate(self, questions, contexts=None):
@@ -300,7 +300,7 @@ def test_keep_checkpoints_false_deletes_them_once_the_final_model_is_saved(tmp_p
     from rag_lab.config import load_experiment
     from rag_lab.paths import REPO_ROOT
     from rag_lab.runner import training_record
-    from rag_lab.training.generator import FINAL, finish_checkpoints
+    from rag_lab.training.common import FINAL, finish_checkpoints
 
     for name in ("checkpoint-38", "checkpoint-88", FINAL):
         (tmp_path / name).mkdir()
@@ -312,3 +312,20 @@ def test_keep_checkpoints_false_deletes_them_once_the_final_model_is_saved(tmp_p
     path = REPO_ROOT / "experiments" / "finetune_rag.yaml"
     assert training_record(load_experiment(path, overrides=["training.keep_checkpoints=false"]), 0) == \
         training_record(load_experiment(path), 0)
+
+
+@pytest.mark.parametrize("kind", ["generator", "reader"])
+def test_under_two_processes_one_rank_saves_the_trained_model(tmp_path, kind):
+    """Issue 23: fid, reader and joint saved from every rank under DDP. Every trainer saves through
+    `training.common.save_trained`, on the main process alone: one writer, one complete final folder."""
+    from rag_lab.io import verified_folder
+    from rag_lab.training.common import FINAL
+
+    here = __import__("pathlib").Path(__file__).parent
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(here.parent / "experiments" / "accelerate" / "cpu_2proc.yaml"), str(here / "ddp_save.py"), kind, str(tmp_path)]
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("saved-by-rank*")) == ["saved-by-rank0"]
+    assert verified_folder(tmp_path / "run" / FINAL)
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temp folder left by a second writer

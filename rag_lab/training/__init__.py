@@ -7,7 +7,8 @@ leaves a model folder. The runner decides what to train and with which data.
     train_joint(examples, passage_index, settings, generator_cfg, k, temperature, out, record)  # RAG end to end
     train_fid(examples, contexts, settings, generator_cfg, out, record)         # Fusion-in-Decoder reader
 """
-from rag_lab.training.generator import FINAL, Split, TrainSettings, TrainingError, finished, split_train_dev, train_generator
+from rag_lab.training.common import FINAL, Split, TrainSettings, TrainingError, finished, split_train_dev
+from rag_lab.training.generator import train_generator
 from rag_lab.training.fid import train_fid
 from rag_lab.training.joint import (QUERY_ENCODER, PassageIndex, perplexity_distillation_loss, rag_sequence_loss, rag_token_loss,
                                     train_joint)

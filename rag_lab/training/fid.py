@@ -9,7 +9,6 @@ read the FiD way by `generators.FiDGenerator` (`generator.combine: fid`).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -21,8 +20,8 @@ from rag_lab.generators import FiDGenerator, prompt_builder
 from rag_lab.generators.fusion import FiDModel, fid_batch
 from rag_lab.io import write_json
 from rag_lab.models import load_seq2seq_lm
-from rag_lab.training.generator import (finish_checkpoints, CONFIG_FILE, FINAL, IGNORE, DevEMCallback, ListDataset, ModuleTrainer, Split, StopOnNonFiniteLoss,
-                                        TrainingError, TrainSettings, resume_point, save_model, timed_train, training_arguments)
+from rag_lab.training.common import (CONFIG_FILE, IGNORE, DevEMCallback, ListDataset, ModuleTrainer, Split, StopOnNonFiniteLoss,
+                                     TrainingError, TrainSettings, fit_and_save, resume_point, training_arguments)
 
 
 def fid_collate(tokenizer):
@@ -76,11 +75,11 @@ def train_fid(examples: Split[QAExample], contexts: Split[list[Passage]], settin
                          callbacks=callbacks)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json(output_dir / CONFIG_FILE, record)
-    result, cost = timed_train(trainer, resume)
-    info = {"record": record, "n_train": len(examples.train), "n_dev": len(dev), **cost, "train_loss": result.training_loss,
-            "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
-            "log_history": trainer.state.log_history, "dev_history": callback.history if callback else []}
-    info = json.loads(json.dumps(info, default=str))
-    save_model(trainer.model.model, tokenizer, output_dir / FINAL, info)
-    finish_checkpoints(output_dir, settings)
-    return info
+    def write(tmp: Path) -> None:
+        trainer.model.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return fit_and_save(trainer, resume, output_dir, settings, write, lambda result, cost: {
+        "record": record, "n_train": len(examples.train), "n_dev": len(dev), **cost, "train_loss": result.training_loss,
+        "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
+        "log_history": trainer.state.log_history, "dev_history": callback.history if callback else []})

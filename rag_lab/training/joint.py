@@ -45,10 +45,10 @@ from rag_lab.config import GeneratorConfig
 from rag_lab.data.records import Passage, QAExample, passage_text
 from rag_lab.generators import prompt_builder
 from rag_lab.generators.fusion import answer_logprobs, marginal_logprob
-from rag_lab.io import atomic_dir, read_checked, write_checked, write_json, write_manifest
+from rag_lab.io import read_checked, write_checked, write_json
 from rag_lab.models import load_causal_lm, load_seq2seq_lm, load_sentence_encoder
-from rag_lab.training.generator import (finish_checkpoints, CONFIG_FILE, FINAL, TRAINING_FILE, ListDataset, ModuleTrainer, Split, StopOnNonFiniteLoss, TrainingError,
-                                        TrainSettings, resume_point, timed_train, training_arguments)
+from rag_lab.training.common import (CONFIG_FILE, FINAL, ListDataset, ModuleTrainer, Split, StopOnNonFiniteLoss, TrainingError,
+                                     TrainSettings, finish_checkpoints, resume_point, save_trained, timed_train, training_arguments)
 
 QUERY_ENCODER = "query_encoder"  # the subfolder of a final model that holds the trained query encoder
 OBJECTIVES = ("rag_sequence", "rag_token", "pdist")
@@ -308,13 +308,12 @@ def fit_joint(model: JointRAG, train: Sequence[QAExample], dev: Sequence[QAExamp
 
 def save_joint_model(model: JointRAG, path: Path, info: dict) -> Path:
     """The reader (loadable by path, as any fine-tuned reader) with the query encoder in `query_encoder/`."""
-    with atomic_dir(Path(path)) as tmp:
+    def write(tmp: Path) -> None:
         model.reader.save_pretrained(tmp)
         model.tokenizer.save_pretrained(tmp)
         model.query_encoder.save(str(tmp / QUERY_ENCODER))
-        write_json(tmp / TRAINING_FILE, info)
-        write_manifest(tmp)
-    return Path(path)
+
+    return save_trained(path, write, info)
 
 
 def train_joint(examples: Split[QAExample], index: PassageIndex, settings: TrainSettings, generator: GeneratorConfig,

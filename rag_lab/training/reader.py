@@ -15,11 +15,10 @@ answer teach nothing and are skipped (counted).
 One feature = one (question, passage) pair, read exactly as `ExtractiveReader` reads it:
 the question, then `passage_text(p)` = "title. text", truncated to `max_length` tokens
 (passage side only). The Trainer conventions (dev EM drives checkpoint choice and early
-stopping, resume by config, atomic final save) are those of `rag_lab.training.generator`.
+stopping, resume by config, the guarded final save) are those of `rag_lab.training.common`.
 """
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
@@ -33,9 +32,8 @@ from rag_lab.generators.extractive import ExtractiveReader, load_qa_model
 from rag_lab.io import write_json
 from rag_lab.metrics import AnswerInPassage
 from rag_lab.models import resolve_model
-from rag_lab.training.generator import (finish_checkpoints, CHECKPOINT_RULE, CONFIG_FILE, FINAL, DevEMCallback, ListDataset, Split, StopOnNonFiniteLoss,
-                                        TrainingError, TrainSettings, resume_point, save_model, timed_train,
-                                        training_arguments)
+from rag_lab.training.common import (CHECKPOINT_RULE, CONFIG_FILE, FINAL, DevEMCallback, ListDataset, Split, StopOnNonFiniteLoss,
+                                     TrainingError, TrainSettings, fit_and_save, resume_point, training_arguments)
 
 # The reader at evaluation time (`build_generator` -> ExtractiveReader) reads 384 tokens; train on the same window.
 MAX_LENGTH = 384
@@ -198,16 +196,17 @@ def fit_reader(model_name_or_path: str, features: list[dict], dev_examples: Sequ
                       data_collator=qa_collate(tokenizer.pad_token_id), callbacks=callbacks)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json(output_dir / CONFIG_FILE, record)
-    result, cost = timed_train(trainer, resume)
-    info = {"record": record, **(notes or {}), "n_train": len(features), "n_dev": len(dev_examples), **cost,
-            "n_dev_features": len(dev_features), "train_loss": result.training_loss,
-            "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
-            "checkpoint_rule": CHECKPOINT_RULE if dev_callback else "the last step (no dev set)",
-            "log_history": trainer.state.log_history, "dev_history": dev_callback.history if dev_callback else []}
-    info = json.loads(json.dumps(info, default=str))
-    final = save_model(trainer.model, tokenizer, output_dir / FINAL, info)
-    finish_checkpoints(output_dir, settings)
-    return {**info, "final_dir": str(final)}
+    def write(tmp: Path) -> None:
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    info = fit_and_save(trainer, resume, output_dir, settings, write, lambda result, cost: {
+        "record": record, **(notes or {}), "n_train": len(features), "n_dev": len(dev_examples), **cost,
+        "n_dev_features": len(dev_features), "train_loss": result.training_loss,
+        "global_step": trainer.state.global_step, "best_checkpoint": trainer.state.best_model_checkpoint,
+        "checkpoint_rule": CHECKPOINT_RULE if dev_callback else "the last step (no dev set)",
+        "log_history": trainer.state.log_history, "dev_history": dev_callback.history if dev_callback else []})
+    return {**info, "final_dir": str(output_dir / FINAL)}
 
 
 def train_reader(examples: Split[QAExample], contexts: Split[list[Passage]], settings: TrainSettings, model: str,

@@ -33,10 +33,10 @@ from sentence_transformers import SentenceTransformerTrainer, SentenceTransforme
 
 from rag_lab.config import RetrieverTrainingConfig
 from rag_lab.data.records import Passage, QAExample, passage_text
-from rag_lab.io import atomic_dir, check_replaceable, write_json, write_manifest
+from rag_lab.io import check_replaceable
 from rag_lab.metrics import AnswerInPassage
 from rag_lab.models import load_sentence_encoder
-from rag_lab.training.generator import TRAINING_FILE
+from rag_lab.training.common import save_trained
 
 
 @dataclass(frozen=True)
@@ -211,10 +211,7 @@ def fit_dense_retriever(encoder, pairs: Sequence[TrainPair], output_dir: str | P
                          for e in trainer.state.log_history if "loss" in e],
         "versions": _versions(), **(notes or {}),
     }
-    with atomic_dir(Path(output_dir)) as tmp:
-        model.save(str(tmp))
-        write_json(tmp / TRAINING_FILE, report)
-        write_manifest(tmp)
+    save_trained(output_dir, lambda tmp: model.save(str(tmp)), report)
     return report
 
 
