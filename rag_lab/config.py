@@ -256,10 +256,35 @@ class TrainingConfig:
 ORACLE_RETRIEVERS = ("gold", "oracle")  # they read the answers or the annotation: regime oracle only
 
 
+@dataclass(frozen=True)
+class Regime:
+    """What a regime is, in one place: read by the config's validation, the runner's stage plan, the
+    index command and the results tables (which sort and label rows by it)."""
+
+    retrieves: bool  # passages for every question (and for the training questions)
+    trains: bool  # fine-tunes before evaluating
+    training_enabled: bool | None  # what `training.enabled` must say (None: the regime trains whatever it says)
+    end_to_end: bool = False  # trains the retriever's query encoder through the reader (an end-to-end objective)
+    reader_kinds: tuple[str, ...] = ("decoder", "seq2seq")  # the generator.kind values it can read with
+    oracle: bool = False  # reads the gold annotation or the answers: an upper bound, not a system
+
+
+# In the order the comparison reads (the main table sorts its rows so).
+REGIMES: dict[str, Regime] = {
+    "closed_book": Regime(retrieves=False, trains=False, training_enabled=False),
+    "closed_book_ft": Regime(retrieves=False, trains=True, training_enabled=True),
+    "rag": Regime(retrieves=True, trains=False, training_enabled=False),
+    "rag_ft": Regime(retrieves=True, trains=True, training_enabled=True),
+    "rag_e2e_ft": Regime(retrieves=True, trains=True, training_enabled=True, end_to_end=True),
+    "reader": Regime(retrieves=True, trains=True, training_enabled=None, reader_kinds=("extractive",)),
+    "oracle": Regime(retrieves=True, trains=False, training_enabled=False, oracle=True),
+}
+
+
 @dataclass
 class ExperimentConfig:
     name: str = _help("experiment name (the results-table key)", "unnamed")
-    regime: Literal["closed_book", "rag", "closed_book_ft", "rag_ft", "rag_e2e_ft", "reader", "oracle"] = _help(
+    regime: Literal[tuple(REGIMES)] = _help(
         "which row of the comparison; rag_e2e_ft = the reader and the retriever's query encoder trained together "
         "(training.objective); oracle = the reader given a passage that holds the answer (an upper bound)", "closed_book")
     description: str = _help("one line on what this experiment tests", "")
@@ -272,31 +297,30 @@ class ExperimentConfig:
 
     def __post_init__(self):
         check_name(self.name)
-        uses_retrieval = self.regime in ("rag", "rag_ft", "rag_e2e_ft", "reader", "oracle")
-        if (self.regime == "rag_e2e_ft") != (self.training.objective != "lm"):
+        regime = REGIMES[self.regime]
+        if regime.end_to_end != (self.training.objective != "lm"):
             raise ConfigError(f"regime {self.regime!r} and training.objective {self.training.objective!r} disagree: regime "
                               "rag_e2e_ft trains the retriever through the reader (objective rag_sequence, rag_token or pdist); "
                               "every other regime uses objective lm")
-        if self.regime == "rag_e2e_ft" and self.retriever.kind != "dense":
-            raise ConfigError(f"retriever.kind {self.retriever.kind!r}: regime rag_e2e_ft trains a query encoder, which only "
+        if regime.end_to_end and self.retriever.kind != "dense":
+            raise ConfigError(f"retriever.kind {self.retriever.kind!r}: regime {self.regime} trains a query encoder, which only "
                               "a dense retriever has (BM25 has none; hybrid is not supported): set retriever.kind: dense")
-        if self.regime == "rag_e2e_ft" and self.generator.kind == "extractive":
-            raise ConfigError("regime rag_e2e_ft trains a generative reader: generator.kind decoder or seq2seq")
+        if self.generator.kind not in regime.reader_kinds:
+            raise ConfigError(f"regime '{self.regime}' needs generator.kind: {' or '.join(regime.reader_kinds)} "
+                              f"(not {self.generator.kind})")
         if self.retriever.query_encoder and self.retriever.kind != "dense":
             raise ConfigError("retriever.query_encoder is a dense retriever's setting: set retriever.kind: dense")
-        if (self.regime == "oracle") != (self.retriever.kind in ORACLE_RETRIEVERS):
+        if regime.oracle != (self.retriever.kind in ORACLE_RETRIEVERS):
             raise ConfigError("the oracle retrievers read the gold annotation: retriever.kind: gold or oracle goes with "
                               "regime: oracle, and regime oracle needs one of them")
-        if uses_retrieval and self.retriever.kind == "none":
+        if regime.retrieves and self.retriever.kind == "none":
             raise ConfigError(f"regime '{self.regime}' needs a retriever: set retriever.kind (bm25, dense, hybrid)")
-        if not uses_retrieval and self.retriever.kind != "none":
+        if not regime.retrieves and self.retriever.kind != "none":
             raise ConfigError(f"regime '{self.regime}' is closed-book: retriever.kind must be 'none'")
-        if self.regime.endswith("_ft") != self.training.enabled and self.regime != "reader":
+        if regime.training_enabled is not None and regime.training_enabled != self.training.enabled:
             raise ConfigError(f"regime '{self.regime}' and training.enabled={self.training.enabled} disagree "
                               "(fine-tuned regimes end in _ft and set training.enabled: true)")
-        if self.regime == "reader" and self.generator.kind != "extractive":
-            raise ConfigError("regime 'reader' needs generator.kind: extractive")
-        if self.generator.combine != "concat" and not uses_retrieval:
+        if self.generator.combine != "concat" and not regime.retrieves:
             raise ConfigError(f"generator.combine: {self.generator.combine} reads retrieved passages; regime "
                               f"'{self.regime}' is closed-book: use combine: concat")
         if self.generator.combine in ("rag_sequence", "rag_token") and self.retriever.kind != "dense":
@@ -511,10 +535,28 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def declared_profiles(path: str | Path) -> list[str]:
-    """"default" and every profile the file (or a file it is based on) writes a block for."""
+    """The profiles an experiment runs in: those named by `only_in:` when the file (or a base) has it,
+    else "default" and every profile it writes a block for (an empty block counts: the top level as is)."""
     raw = _read_with_bases(Path(path))
-    profiles = raw.get("profiles") or {}
-    return ["default", *(p for p in PROFILES if p != "default" and isinstance(profiles, dict) and p in profiles)]
+    return _runs_in(Path(path), raw.get("only_in"), raw.get("profiles") or {})
+
+
+def _runs_in(path: Path, only_in, profiles) -> list[str]:
+    if not isinstance(profiles, dict) or any(p not in PROFILES for p in profiles):
+        raise ConfigError(f"{path}: 'profiles' keys must be among {', '.join(PROFILES)}, got {list(profiles)}")
+    if only_in is None:
+        return ["default", *(p for p in PROFILES if p != "default" and p in profiles)]
+    if not isinstance(only_in, list) or not only_in or any(p not in PROFILES for p in only_in):
+        raise ConfigError(f"{path}: 'only_in' must list profiles among {', '.join(PROFILES)}, got {only_in!r}")
+    return [p for p in PROFILES if p in only_in]
+
+
+def experiments_in(paths: Sequence[str | Path], profile: str) -> dict[str, "ExperimentConfig"]:
+    """The configs, by name, of the experiments among `paths` that run in `profile` (their `profiles:` /
+    `only_in:` decide, not the caller); smoke runs those of the default profile, so a notebook's smoke run
+    checks the cells of its default run in seconds."""
+    selecting = "default" if profile == "smoke" else profile
+    return {Path(p).stem: load_experiment(p, profile) for p in paths if selecting in declared_profiles(p)}
 
 
 def is_study(path: str | Path) -> bool:
@@ -543,16 +585,23 @@ def load_experiment(path: str | Path, profile: str = "default", cls: type = Expe
     (command-line `--set key=value`, applied last and validated like the file; the run's config.json records them).
 
     `base: other.yaml` merges this file over another (shared settings live once);
-    `profiles:` maps a profile name (smoke / default / full) to a partial config; the
-    default profile is the file's top level as written.
+    `profiles:` maps a profile name (smoke / extended / full) to a partial config; the
+    default profile is the file's top level as written. A profile the file has no block for is an
+    error naming the ones it has (an empty block runs the top level under that profile), and
+    `only_in: [extended]` lists the only profiles an experiment runs in (the top level being the
+    setting of a profile it lists when that profile has no block).
     """
     path = Path(path)
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}; profiles: {', '.join(PROFILES)}")
     raw = _read_with_bases(path)
     profiles = raw.pop("profiles", {}) or {}
-    if not isinstance(profiles, dict) or any(p not in PROFILES for p in profiles):
-        raise ConfigError(f"{path}: 'profiles' keys must be among {', '.join(PROFILES)}, got {list(profiles)}")
+    only_in = raw.pop("only_in", None)
+    runs_in = _runs_in(path, only_in, profiles)
+    if profile not in runs_in:  # never the default silently in its place (FlashRAG's None-config failure)
+        raise ConfigError(f"{path}: no {profile!r} profile: it runs in {', '.join(runs_in)} "
+                          + ("only (its only_in)" if only_in is not None else
+                             f"(add `profiles: {{{profile}: {{}}}}` to run its default settings under {profile})"))
     raw.setdefault("name", path.stem)
     merged = _deep_merge(raw, profiles.get(profile) or {})
     for text in overrides:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import re
 import time
 
-from rag_lab.config import ConfigError, ExperimentConfig
+from rag_lab.config import REGIMES, ConfigError, ExperimentConfig
 from rag_lab.data.subsets import corpus_label
 from rag_lab.pipeline import build_index
 from rag_lab.retrievers import dense_encoder
 from rag_lab.retrievers.cache import retriever_cache_dir
-from rag_lab.runner import REGIMES, data_stage
+from rag_lab.runner import data_stage
 from rag_lab.scale import ray_encode
 
 DENSE_KINDS = ("dense", "hybrid")
@@ -39,7 +39,7 @@ def index_experiment(cfg: ExperimentConfig, shard: tuple[int, int] | None = None
                      profile: str = "default", show_progress: bool = True) -> list[str]:
     """Build (or finish) the index `cfg`'s run will search; returns report lines."""
     kind = cfg.retriever.kind
-    if kind == "none" or not REGIMES[cfg.regime].contexts:
+    if kind == "none" or not REGIMES[cfg.regime].retrieves:
         raise ConfigError(f"{cfg.name}: regime {cfg.regime!r} with retriever.kind {kind!r} retrieves nothing: no index to build")
     if (shard or ray_workers) and kind not in DENSE_KINDS:
         raise ConfigError(f"--shard and --ray split dense encoding; retriever.kind {kind!r} builds in one process "

@@ -23,7 +23,7 @@ from rag_lab.timings import StageTiming, record
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 # Notebooks that do not run in every profile: notebook 07 trains the end-to-end rows, which need the dense index
 # of the whole corpus (~1 h to encode on the int8 engine) and an hour of training: beyond the default hour.
-NOTEBOOK_PROFILES = {"07_end_to_end_rag": ("smoke", "extended", "full")}
+NOTEBOOK_PROFILES = {"07_end_to_end_rag": ("smoke", "extended")}
 
 
 def numbered_notebooks(folder: Path = NOTEBOOK_DIR) -> list[Path]:

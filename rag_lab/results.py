@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import pandas as pd
 from filelock import FileLock
 
+from rag_lab.config import REGIMES
 from rag_lab.io import CacheRepaired, atomic_write_text
 from rag_lab.metrics import format_ci
 from rag_lab.paths import profile_results_dir
@@ -175,7 +176,7 @@ def display_main_table(table: pd.DataFrame) -> pd.DataFrame:
         out[label] = ci(col)
     out["seeds"] = table["seeds"].astype(str) if "seeds" in table else ""
     if "em_seed_mean" in table:
-        trained = table["regime"].str.endswith("_ft") | (table["regime"] == "reader")
+        trained = table["regime"].map(lambda r: r in REGIMES and REGIMES[r].trains)
         out["EM mean ± sd over seeds"] = [
             f"{m:.3f} ± {s:.3f}" if t and not pd.isna(m) else ""
             for m, s, t in zip(table["em_seed_mean"], table["em_seed_sd"], trained)]
@@ -196,7 +197,7 @@ def upsert_main_table(rows: list[dict] | Callable[[], list[dict]], profile: str 
                        render=display_main_table, order=in_regime_order)
 
 
-REGIME_ORDER = ("closed_book", "closed_book_ft", "rag", "rag_ft", "rag_e2e_ft", "reader", "oracle")  # the order of the comparison
+REGIME_ORDER = tuple(REGIMES)  # the order of the comparison
 
 
 def in_regime_order(table: pd.DataFrame) -> pd.DataFrame:

@@ -2,7 +2,7 @@
 
     data -> contexts -> train (fine-tuned regimes, once per seed) -> generate -> score -> record
 
-and `REGIMES` says which of them a regime runs and which trainer it uses. The stages call the
+and `STAGES` (from `config.REGIMES`) says which of them a regime runs and which trainer it uses. The stages call the
 primitives (`pipeline.contexts`, the trainers of `rag_lab.training`, the generators); none of those
 sees the experiment config.
 
@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 from accelerate import PartialState
 
-from rag_lab.config import ConfigError, ExperimentConfig, RetrieverConfig, key_view
+from rag_lab.config import REGIMES, ConfigError, ExperimentConfig, RetrieverConfig, key_view
 from rag_lab.data import DATASETS, Corpus, load_qa
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.data.subsets import corpus_for, corpus_label, eval_set_name, subset_questions
@@ -90,15 +90,11 @@ class Stages:
     trains_query_encoder: bool = False
 
 
-REGIMES: dict[str, Stages] = {
-    "closed_book": Stages(contexts=False),
-    "closed_book_ft": Stages(contexts=False, train=_train_decoder),
-    "rag": Stages(contexts=True),
-    "rag_ft": Stages(contexts=True, train=_train_decoder),
-    "rag_e2e_ft": Stages(contexts=True, train=_train_joint, trains_query_encoder=True),
-    "reader": Stages(contexts=True, train=_train_span_reader),
-    "oracle": Stages(contexts=True),
-}
+# how each regime that trains (config.REGIMES: what every regime is) trains
+TRAINERS: dict[str, Callable] = {"closed_book_ft": _train_decoder, "rag_ft": _train_decoder, "rag_e2e_ft": _train_joint,
+                                 "reader": _train_span_reader}
+STAGES: dict[str, Stages] = {name: Stages(contexts=r.retrieves, train=TRAINERS[name] if r.trains else None,
+                                          trains_query_encoder=r.end_to_end) for name, r in REGIMES.items()}
 
 
 # ---------------------------------------------------------------- stage 1: data
@@ -138,7 +134,7 @@ def _check_model_folder(key: str, folder: Path, kind: str | None) -> None:
 
 def data_stage(cfg: ExperimentConfig) -> RunData:
     """The eval questions, the train split when something needs it, and the corpus when retrieving."""
-    d, stages = cfg.data, REGIMES[cfg.regime]
+    d, stages = cfg.data, STAGES[cfg.regime]
     questions = subset_questions(load_qa(d.dataset, d.eval_split), d.n_eval, d.subset_seed)
     if d.only_answer_in_corpus:  # the oracle row's lens: the questions a perfect retriever could serve
         if any(q.answer_in_corpus is None for q in questions):
@@ -207,7 +203,7 @@ def check_k(cfg: ExperimentConfig, passages) -> None:
 
 def contexts_stage(cfg: ExperimentConfig, data: RunData, show_progress: bool, profile: str = "default") -> Contexts | None:
     """The top-k passages of every eval question (None for closed-book regimes)."""
-    if not REGIMES[cfg.regime].contexts:
+    if not STAGES[cfg.regime].contexts:
         return None
     check_k(cfg, data.passages)
     (ctx,) = contexts(cfg.retriever, data.passages, cfg.retriever.k, data.questions, show_progress=show_progress,
@@ -241,7 +237,7 @@ def train_stage(cfg: ExperimentConfig, data: RunData, seed: int, show_progress: 
     info = finished(out, record)
     if info is None:
         check_replaceable(out / FINAL, "training.output")  # before training, not at the rename that saves
-        stages = REGIMES[cfg.regime]
+        stages = STAGES[cfg.regime]
         examples = split_train_dev(data.train, cfg.training.dev_size, cfg.data.n_train, seed)
         ctx = None
         if stages.contexts:  # the corpus keeps the training questions' answers (smoke profiles cut it)
@@ -486,7 +482,7 @@ def run_experiment(cfg: ExperimentConfig, profile: str = "default", show_progres
     for root in (profile_results_dir(profile), *(cache_dir(kind) for kind in ("runs", "retrieval", "train", "corpus"))):
         clean_orphans(root)
     timings, compute = {}, {}  # this run's seconds; the seconds each stage took when it was computed
-    stages = REGIMES[cfg.regime]
+    stages = STAGES[cfg.regime]
     check_models(cfg, model_path)  # an unknown name fails now, not after minutes of retrieval
     # Under `accelerate launch` (several processes): rank 0 builds the corpus, index and retrieval
     # caches first and the others load them; every rank trains (DDP); rank 0 alone evaluates and records.

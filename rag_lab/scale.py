@@ -2,7 +2,7 @@
 
     pip install -e ".[scale]"                       # ray[data]; the default install stays small
     ray start --head                                 # on the head node; `ray start --address HEAD:6379` on the others
-    rag-lab index experiments/full/rag_zero_shot_e5.yaml --ray --workers 32 --gpus-per-worker 1
+    rag-lab index experiments/full/rag_zero_shot_e5.yaml --profile full --ray --workers 32 --gpus-per-worker 1
 
 Encoding (`ray_encode`): a Ray Dataset with one row per shard of the corpus; `map_batches` runs a
 pool of `ShardEncoder` actors (one per GPU, or per CPU worker), each loading the encoder once and

@@ -21,7 +21,7 @@ ALLOWED = {
     "generators": {"generators", "config", "data", "io", "metrics", "models", "paths"},
     "training": {"training", "config", "data", "generators", "io", "metrics", "models"},
     "pipeline": {"data", "retrievers", "timings"},
-    "results": {"io", "metrics", "paths"}, "timings": {"paths", "results"},
+    "results": {"config", "io", "metrics", "paths"}, "timings": {"paths", "results"},
     # the run folders and the main table they stand for: read by `rag-lab table` / `runs` without torch
     "runs": {"config", "data", "io", "paths", "results"},
     "runner": LOW | {"generators", "pipeline", "results", "runs", "timings", "training"},

@@ -76,6 +76,19 @@ Q = {"id": "q1", "question": "who wrote hamlet", "answers": ["Shakespeare"]}
 P = {"id": "p1", "title": "Hamlet", "text": "Hamlet is a tragedy by William Shakespeare."}
 
 CONFIG_CASES = [
+    # issue 23: a profile without a block is an error naming the ones the file has, never the default in its place
+    Case("profile-without-block", text("x.yaml", "regime: closed_book\n"), lambda p: load_experiment(p, "extended"), ConfigError,
+         "x.yaml: no 'extended' profile: it runs in default (add `profiles: {extended: {}}`"),
+    Case("profile-empty-block-runs-the-top-level", text("x.yaml", "regime: closed_book\nprofiles: {extended: {}}\n"),
+         lambda p: load_experiment(p, "extended"), None, check=lambda c: c.regime == "closed_book"),
+    Case("profile-null-block-runs-the-top-level", text("x.yaml", "regime: closed_book\nprofiles:\n  extended:\n"),
+         lambda p: load_experiment(p, "extended"), None, check=lambda c: c.regime == "closed_book"),
+    Case("only-in-excludes-default", text("x.yaml", "regime: closed_book\nonly_in: [smoke, extended]\n"), experiment, ConfigError,
+         "x.yaml: no 'default' profile: it runs in smoke, extended only (its only_in)"),
+    Case("only-in-unknown-profile", text("x.yaml", "regime: closed_book\nonly_in: [huge]\n"), experiment, ConfigError,
+         "x.yaml: 'only_in' must list profiles among smoke, default, extended, full, got ['huge']"),
+    Case("only-in-not-a-list", text("x.yaml", "regime: closed_book\nonly_in: extended\n"), experiment, ConfigError,
+         "'only_in' must list profiles among"),
     Case("yaml-duplicate-top-key", text("x.yaml", "regime: rag\nregime: closed_book\n"), experiment, ConfigError,
          "x.yaml:2: duplicate key 'regime' (first given on line 1)"),
     Case("yaml-duplicate-nested-key", text("x.yaml", "regime: closed_book\ngenerator:\n  batch_size: 4\n  batch_size: 8\n"),

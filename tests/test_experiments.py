@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rag_lab.config import PROFILES, RetrievalStudyConfig, load_experiment
+from rag_lab.config import PROFILES, ConfigError, RetrievalStudyConfig, declared_profiles, load_experiment
 from rag_lab.paths import REPO_ROOT, results_dir
 from rag_lab.readme import BLOCKS, render_blocks, table_part
 
@@ -13,12 +13,28 @@ EXPERIMENTS = sorted(p for p in (REPO_ROOT / "experiments").rglob("*.yaml")
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[str(p.relative_to(REPO_ROOT / "experiments")) for p in EXPERIMENTS])
-@pytest.mark.parametrize("profile", PROFILES)
-def test_experiment_configs_validate(path, profile):
-    cfg = load_experiment(path, profile)
-    assert cfg.name == path.stem
-    if profile == "smoke" and "full" not in path.parts:
-        assert cfg.data.n_eval and cfg.data.n_eval <= 20  # smoke is seconds-scale
+def test_experiment_configs_validate_in_every_profile_they_declare_and_refuse_the_others(path):
+    declared = declared_profiles(path)
+    for profile in PROFILES:
+        if profile not in declared:  # issue 23: never the default silently in its place
+            with pytest.raises(ConfigError, match=f"no '{profile}' profile: it runs in {', '.join(declared)}"):
+                load_experiment(path, profile)
+            continue
+        cfg = load_experiment(path, profile)
+        assert cfg.name == path.stem
+        if profile == "smoke":
+            assert cfg.data.n_eval and cfg.data.n_eval <= 20  # smoke is seconds-scale
+    if "full" in path.parts:
+        assert declared == ["full"]  # the top level is the full setting: nothing else runs it
+    else:
+        assert "smoke" in declared  # every laptop experiment can be checked in seconds
+
+
+def test_extended_only_experiments_say_so_in_their_config():
+    """`only_in`, not a comment or a notebook's list, says where an experiment runs."""
+    extended_only = [p.stem for p in EXPERIMENTS if "full" not in p.parts and "default" not in declared_profiles(p)]
+    assert {"qwen_rag_dense", "qwen_rag_hybrid", "qwen15_rag", "finetune_rag_dense"} <= set(extended_only)
+    assert all(declared_profiles(REPO_ROOT / "experiments" / f"{n}.yaml") == ["smoke", "extended"] for n in extended_only)
 
 
 def test_full_scale_configs_use_hub_data_and_larger_models():
@@ -34,7 +50,8 @@ def test_full_scale_configs_use_hub_data_and_larger_models():
 
 
 def test_retrieval_study_config():
-    for profile in PROFILES:
+    assert declared_profiles(REPO_ROOT / "experiments" / "retrieval.yaml") == ["default", "smoke", "extended"]
+    for profile in ("smoke", "default", "extended"):
         cfg = load_experiment(REPO_ROOT / "experiments" / "retrieval.yaml", profile, cls=RetrievalStudyConfig)
         # a dense index of NQ-mini 2's 126k passages costs ~45 min (int8): dense, hybrid and the fine-tuned encoder
         # run in the extended profile (and smoke, on its tiny corpus) only; the default hour has BM25
