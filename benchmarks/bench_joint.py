@@ -97,7 +97,7 @@ def fid_mode(k: int, steps: int, passage_len: int = 150, question_len: int = 20,
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from rag_lab.generators.fusion import FiDModel
+    from rag_lab.generators.fid import FiDModel
 
     torch.manual_seed(0)
     config = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8,

@@ -17,7 +17,8 @@ import rag_lab.training.joint as joint
 from rag_lab.config import ConfigError, ExperimentConfig, GeneratorConfig, RetrieverConfig, TrainingConfig
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.generators import FiDGenerator, RagSequenceGenerator, RagTokenGenerator, Seq2SeqGenerator, prompt_builder
-from rag_lab.generators.fusion import FiDModel, answer_logprobs, fid_batch
+from rag_lab.generators.fid import FiDModel, fid_batch
+from rag_lab.generators.fusion import answer_logprobs
 from rag_lab.models import load_causal_lm, load_sentence_encoder
 from rag_lab.pipeline import dense_index
 from rag_lab.training import (PassageIndex, Split, TrainSettings, TrainingError, perplexity_distillation_loss, rag_sequence_loss,

@@ -19,7 +19,8 @@ from rag_lab import models
 from rag_lab.data.records import QAExample
 from rag_lab.generators.ct2 import CT2DecoderGenerator, load_ct2_generator
 from rag_lab.generators.extractive import ExtractiveReader
-from rag_lab.generators.fusion import FiDGenerator, RagSequenceGenerator, RagTokenGenerator, answer_logprobs, marginal_logprob
+from rag_lab.generators.fid import FiDGenerator
+from rag_lab.generators.fusion import RagSequenceGenerator, RagTokenGenerator, answer_logprobs, marginal_logprob
 from rag_lab.generators.hf import DecoderGenerator, HFGenerator, Seq2SeqGenerator, length_sorted_batches
 from rag_lab.generators.postprocess import clean_answer
 from rag_lab.generators.prompts import Prompt, PromptBuilder, sample_demonstrations
@@ -27,9 +28,12 @@ from rag_lab.generators.vllm_engine import VLLMGenerator, load_vllm_engine
 
 
 def prompt_builder(cfg, tokenizer, demonstrations: Sequence[QAExample] = ()) -> PromptBuilder:
-    """The prompts of a `GeneratorConfig` for one tokenizer (generation and training share it)."""
+    """The prompts of a `GeneratorConfig` for one tokenizer (generation and training share it). The chat
+    decision is made here, once: a chat template for a decoder whose tokenizer has one (when
+    `use_chat_template`), plain text for an encoder-decoder (FiD, seq2seq RAG) whatever its tokenizer holds."""
+    use_chat = cfg.use_chat_template and cfg.kind == "decoder"
     return PromptBuilder(tokenizer, cfg.closed_book_template, cfg.rag_template, cfg.system_prompt, demonstrations,
-                         cfg.use_chat_template, cfg.max_input_tokens, cfg.max_context_tokens)
+                         use_chat, cfg.max_input_tokens, cfg.max_context_tokens)
 
 
 def build_generator(cfg, train: Sequence[QAExample] = (), seed: int = 0, model_path: str | None = None):

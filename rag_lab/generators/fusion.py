@@ -2,7 +2,6 @@
 
     log p(y|x)   = logsumexp_z [ log p_eta(z|x) + log p_theta(y|x,z) ]          RAG-Sequence
     log p(y_t|.) = logsumexp_z [ log p_eta(z|x) + log p_theta(y_t|x,z,y_<t) ]   RAG-Token
-    FiD: each (question, passage) encoded alone, the encoder states concatenated, decoded once
 
 p_eta(z|x) is the retriever's softmax over the top-k scores divided by `retriever.temperature`; the
 runner hands its logits over as `doc_logits`, one row per question. Every reader here has the
@@ -19,11 +18,9 @@ import copy
 from typing import Callable, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
-from transformers.modeling_outputs import BaseModelOutput
 
 from rag_lab.data.records import Passage, QAExample
-from rag_lab.generators.hf import HFGenerator, length_sorted_batches
+from rag_lab.generators.hf import HFGenerator, resumable_batches
 from rag_lab.generators.prompts import Prompt, PromptBuilder
 
 
@@ -89,8 +86,9 @@ class _PerPassageGenerator(HFGenerator):
     def __init__(self, model, tokenizer, prompt_builder: PromptBuilder, decoder_only: bool = True, **kwargs):
         if decoder_only and tokenizer.padding_side != "left":
             raise ValueError("decoder-only batched generation needs tokenizer.padding_side == 'left'")
-        if not decoder_only:
-            prompt_builder.use_chat = False
+        if not decoder_only and prompt_builder.use_chat:  # the chat decision is prompt_builder's
+            raise ValueError("an encoder-decoder reader reads plain-text prompts: build them with prompt_builder(cfg) for "
+                             "generator.kind: seq2seq")
         self.is_decoder_only = decoder_only
         super().__init__(model, tokenizer, prompt_builder, **kwargs)
 
@@ -109,17 +107,11 @@ class _PerPassageGenerator(HFGenerator):
             raise ValueError(f"{len(examples)} examples, {len(contexts)} contexts, {len(doc_logits)} doc_logits rows")
         prompts = [self.passage_prompts(e, ctx) for e, ctx in zip(examples, contexts)]
         k = max([len(c) for c in contexts] + [1])
-        raws: dict[int, str] = dict(done or {})
         sizes = [sum(p.n_tokens for p in row) for row in prompts]
-        for batch in tqdm(length_sorted_batches(sizes, max(1, self.batch_size // k)), desc="generate", disable=not show_progress):
-            if all(i in raws for i in batch):
-                continue
-            outs = self.decode([prompts[i] for i in batch], [examples[i] for i in batch], [doc_logits[i] for i in batch])
-            raws.update(zip(batch, outs))
-            if on_batch:
-                on_batch(batch, outs)
+        raws = resumable_batches(sizes, max(1, self.batch_size // k), lambda batch: self.decode(
+            [prompts[i] for i in batch], [examples[i] for i in batch], [doc_logits[i] for i in batch]), done, on_batch, show_progress)
         first = [row[0] if row else self.builder.closed_book(e) for row, e in zip(prompts, examples)]
-        preds = self.predictions(examples, first, [raws[i] for i in range(len(examples))])
+        preds = self.predictions(examples, first, raws)
         for pred, row in zip(preds, prompts):
             pred["prompt_tokens"], pred["n_passages"] = sum(p.n_tokens for p in row), len(row)
             pred["truncated"] = any(p.truncated for p in row)
@@ -323,86 +315,3 @@ class RagTokenGenerator(_PerPassageGenerator):
                 break
             dec = torch.cat([dec, nxt.repeat_interleave(k)[:, None]], -1)
         return tokens
-
-
-# ---------------------------------------------------------------- Fusion-in-Decoder
-
-def fid_encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[BaseModelOutput, torch.Tensor]:
-    """Fusion-in-Decoder's encoder: [b, k, L] (question, passage) pairs encoded one by one, their states
-    concatenated to [b, k * L, H] with the matching mask [b, k * L]. Padding rows (mask all 0) are
-    masked out in the decoder's cross-attention."""
-    b, k, length = input_ids.shape
-    states = model.get_encoder()(input_ids=input_ids.view(b * k, length), attention_mask=attention_mask.view(b * k, length))
-    hidden = states.last_hidden_state.view(b, k * length, -1)
-    return BaseModelOutput(last_hidden_state=hidden), attention_mask.view(b, k * length)
-
-
-def fid_batch(tokenizer, texts: Sequence[Sequence[str]], max_length: int | None = None) -> dict[str, torch.Tensor]:
-    """[b, k, L] ids and mask for b questions with up to k (question, passage) texts each (short rows padded)."""
-    k = max(map(len, texts))
-    flat = [t for row in texts for t in list(row) + [""] * (k - len(row))]
-    enc = tokenizer(flat, padding=True, truncation=max_length is not None, max_length=max_length, return_tensors="pt")
-    empty = torch.tensor([j >= len(row) for row in texts for j in range(k)])
-    enc["attention_mask"][empty] = 0
-    return {"input_ids": enc["input_ids"].view(len(texts), k, -1), "attention_mask": enc["attention_mask"].view(len(texts), k, -1)}
-
-
-class FiDModel(torch.nn.Module):
-    """An encoder-decoder LM read the Fusion-in-Decoder way; the weights are the plain model's (`.model`),
-    so a FiD-trained checkpoint saves and loads as an ordinary seq2seq model."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
-        encoded, mask = fid_encode(self.model, input_ids, attention_mask)
-        return self.model(encoder_outputs=encoded, attention_mask=mask, labels=labels)
-
-
-class FiDGenerator(HFGenerator):
-    """Fusion-in-Decoder reader: batched greedy decoding over the fused encoder states; the same
-    prediction records as the other generators. Each passage gets its own prompt (question + that
-    passage, at most `max_input_tokens`), so the encoder's cost grows linearly in k."""
-
-    is_decoder_only = False
-
-    def __init__(self, model, tokenizer, prompt_builder: PromptBuilder, **kwargs):
-        prompt_builder.use_chat = False
-        super().__init__(model, tokenizer, prompt_builder, **kwargs)
-
-    def generate(self, examples: Sequence[QAExample], contexts: Sequence[Sequence[Passage]] | None = None,
-                 show_progress: bool = False, done: Mapping[int, str] | None = None,
-                 on_batch: Callable[[list[int], list[str]], None] | None = None,
-                 doc_logits: Sequence[Sequence[float]] | None = None) -> list[dict]:
-        if contexts is None:
-            raise ValueError("FiDGenerator reads passages: it needs contexts")
-        if len(contexts) != len(examples):
-            raise ValueError(f"{len(examples)} examples but {len(contexts)} contexts")
-        prompts = [[self.builder.rag(e, [p]) for p in ctx] or [self.builder.closed_book(e)] for e, ctx in zip(examples, contexts)]
-        raws: dict[int, str] = dict(done or {})
-        sizes = [sum(p.n_tokens for p in row) for row in prompts]
-        for batch in tqdm(length_sorted_batches(sizes, self.batch_size), desc="generate", disable=not show_progress):
-            if all(i in raws for i in batch):
-                continue
-            outs = self.generate_fused([[p.text for p in prompts[i]] for i in batch])
-            raws.update(zip(batch, outs))
-            if on_batch:
-                on_batch(batch, outs)
-        preds = self.predictions(examples, [row[0] for row in prompts], [raws[i] for i in range(len(examples))])
-        for pred, row, ctx in zip(preds, prompts, contexts):
-            pred["prompt_tokens"], pred["n_passages"] = sum(p.n_tokens for p in row), len(ctx)
-            pred["truncated"] = any(p.truncated for p in row)
-        return preds
-
-    @torch.inference_mode()
-    def generate_fused(self, texts: list[list[str]]) -> list[str]:
-        """Greedy answers for a batch of questions, each given as its list of (question, passage) texts."""
-        device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in fid_batch(self.tokenizer, texts).items()}
-        self.stats["prompt_tokens"] += int(batch["attention_mask"].sum())
-        self.stats["padded_tokens"] += int(batch["attention_mask"].numel())
-        encoded, mask = fid_encode(self.model, batch["input_ids"], batch["attention_mask"])
-        out = self.model.generate(encoder_outputs=encoded, attention_mask=mask, do_sample=False, num_beams=1,
-                                  max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.batch_decode(out, skip_special_tokens=True)

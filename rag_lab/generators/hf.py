@@ -37,6 +37,25 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def resumable_batches(sizes: Sequence[int], batch_size: int, run_batch: Callable[[list[int]], list[str]],
+                      done: Mapping[int, str] | None = None, on_batch: Callable[[list[int], list[str]], None] | None = None,
+                      show_progress: bool = False) -> list[str]:
+    """The one generation loop every generator runs: raw outputs for items 0..n-1, in input order.
+
+    Items go in `length_sorted_batches(sizes, batch_size)`, a deterministic plan, so a caller can resume:
+    `done` maps the items already generated to their raw outputs (batches fully in it are skipped), and
+    `on_batch(indices, raws)` is called after each new batch (the runner logs it to disk)."""
+    raws: dict[int, str] = dict(done or {})
+    for batch in tqdm(length_sorted_batches(sizes, batch_size), desc="generate", disable=not show_progress):
+        if all(i in raws for i in batch):
+            continue
+        outs = run_batch(batch)
+        raws.update(zip(batch, outs))
+        if on_batch:
+            on_batch(batch, outs)
+    return [raws[i] for i in range(len(sizes))]
+
+
 class HFGenerator:
     """Shared by both families: prompt building, batching, greedy decoding, post-processing."""
 
@@ -101,15 +120,9 @@ class HFGenerator:
         example indices already generated to their raw outputs (batches fully in it are skipped),
         and `on_batch(indices, raws)` is called after each new batch (the runner logs it to disk)."""
         prompts = self.prompts(examples, contexts)
-        raws: dict[int, str] = dict(done or {})
-        for batch in tqdm(length_sorted_batches([p.n_tokens for p in prompts], self.batch_size), desc="generate", disable=not show_progress):
-            if all(i in raws for i in batch):
-                continue
-            outs = self.generate_batch([prompts[i] for i in batch])
-            raws.update(zip(batch, outs))
-            if on_batch:
-                on_batch(batch, outs)
-        return self.predictions(examples, prompts, [raws[i] for i in range(len(prompts))])
+        raws = resumable_batches([p.n_tokens for p in prompts], self.batch_size,
+                                 lambda batch: self.generate_batch([prompts[i] for i in batch]), done, on_batch, show_progress)
+        return self.predictions(examples, prompts, raws)
 
     def token_counts(self, preds: Sequence[dict]) -> dict[str, int]:
         """Tokens read and written (timings.csv). New tokens are counted by re-tokenising the raw

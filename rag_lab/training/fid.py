@@ -17,7 +17,7 @@ from transformers import EarlyStoppingCallback
 from rag_lab.config import GeneratorConfig
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.generators import FiDGenerator, prompt_builder
-from rag_lab.generators.fusion import FiDModel, fid_batch
+from rag_lab.generators.fid import FiDModel, fid_batch
 from rag_lab.io import write_json
 from rag_lab.models import load_seq2seq_lm
 from rag_lab.training.common import (CONFIG_FILE, IGNORE, DevEMCallback, ListDataset, ModuleTrainer, Split, StopOnNonFiniteLoss,
@@ -49,8 +49,7 @@ def train_fid(examples: Split[QAExample], contexts: Split[list[Passage]], settin
     output_dir = Path(output_dir)
     torch.manual_seed(settings.seed)
     model, tokenizer = load_seq2seq_lm(generator.model)
-    builder = prompt_builder(generator, tokenizer)
-    builder.use_chat = False
+    builder = prompt_builder(generator, tokenizer)  # plain text: generator.kind is seq2seq
 
     def rows(questions, ctx):
         out = []

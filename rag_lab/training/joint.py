@@ -271,9 +271,7 @@ def load_joint_model(generator: GeneratorConfig, index: PassageIndex, objective:
     if decoder_only and generator.use_chat_template and getattr(tokenizer, "chat_template", None) is None:
         raise TrainingError(f"generator.use_chat_template is true but {generator.model} has no chat template: the prompts "
                             "would silently fall back to plain text; set generator.use_chat_template: false")
-    builder = prompt_builder(generator, tokenizer)
-    if not decoder_only:
-        builder.use_chat = False
+    builder = prompt_builder(generator, tokenizer)  # plain text for a seq2seq reader
     encoder = load_sentence_encoder(index.encoder)
     encoder.max_seq_length = index.max_length
     return JointRAG(reader, tokenizer, builder, encoder, index, objective, k, temperature, target_temperature, decoder_only)
