@@ -36,10 +36,18 @@ def render_blocks(readme: str, results: Path) -> str:
     return readme
 
 
-def update_readme(readme_path: Path = REPO_ROOT / "README.md", results: Path | None = None) -> bool:
-    """Rewrite the generated blocks; True if the README changed."""
-    old = readme_path.read_text(encoding="utf-8")
-    new = render_blocks(old, results or results_dir())
-    if new != old:
-        atomic_write_text(readme_path, new)
-    return new != old
+def generated_pages(root: Path = REPO_ROOT) -> list[Path]:
+    """The pages that hold generated blocks: the README and the long sections moved to docs/."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def update_readme(pages: list[Path] | None = None, results: Path | None = None) -> bool:
+    """Rewrite the generated blocks of every page (README.md, docs/*.md); True if one changed."""
+    changed = False
+    for page in pages or generated_pages():
+        old = page.read_text(encoding="utf-8")
+        new = render_blocks(old, results or results_dir())
+        if new != old:
+            atomic_write_text(page, new)
+            changed = True
+    return changed
