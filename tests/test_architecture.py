@@ -16,7 +16,7 @@ LOW = {"paths", "io", "config", "data", "metrics", "models"}
 # first component of the module (package or top-level module) -> rag_lab parts it may import
 ALLOWED = {
     "paths": set(), "io": {"paths"}, "config": {"paths", "io"},
-    "data": {"data", "io", "paths", "metrics"}, "metrics": {"data"}, "models": {"paths", "io"},
+    "data": {"data", "io", "paths", "metrics"}, "metrics": {"data"}, "models": {"models", "paths", "io"},
     "retrievers": {"retrievers", "data", "io", "metrics", "models", "paths", "timings"},
     "generators": {"generators", "config", "data", "io", "metrics", "models", "paths"},
     "training": {"training", "config", "data", "generators", "io", "metrics", "models"},

