@@ -1,17 +1,17 @@
-"""Shared by the benchmark scripts: the machine's float32 matmul peak, measured in the same run."""
+"""Shared by the benchmark scripts: timers. The machine's peak and the model FLOPs are
+`rag_lab.flops`'s, the same functions results/timings.csv uses, so a benchmark's fraction of peak
+and a stage's × floor count parameters and measure the peak the same way."""
 from __future__ import annotations
 
 import time
 
-import torch
+from rag_lab.flops import count_params, float32_peak
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` FLOP/s of an n x n float32 matmul: the physical limit ratios are taken against."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best
+def matmul_peak_flops(repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` float32 GEMMs (`rag_lab.flops.float32_peak`): a fresh sample,
+    so scripts can sample the machine around each timed part."""
+    return float32_peak(repeats=repeats)["flop_per_s"]
 
 
 def _timed(fn) -> float:
@@ -25,6 +25,6 @@ def best_of(fn, repeats: int = 3) -> float:
 
 
 def causal_lm_flops_per_token(model) -> float:
-    """2 x parameters touched per token (the embedding lookup is free; the tied LM head is a matmul)."""
-    n = sum(p.numel() for p in model.parameters())
-    return 2.0 * n  # tied embeddings: counted once, as the LM head's matmul
+    """2 N per token, N = `rag_lab.flops.count_params` (the input embedding lookup does no
+    multiply-adds; a tied LM head is a matmul and stays)."""
+    return 2.0 * count_params(model)

@@ -6,7 +6,7 @@ For each reader and each prompt kind (closed-book; RAG with the top-3 BM25 passa
 prompts), the same questions and prompts go through both backends with the same batch plan:
 questions/s, prefill tokens/s (the prompt alone: one forward step), decode tokens/s (the rest),
 and prefill as a fraction of the GEMM peak of its precision, float32 and int8 measured in the
-same run (`rag_lab.timings.measure_peaks`). Agreement with transformers: identical raw outputs,
+same run (`rag_lab.flops.measure_peaks`). Agreement with transformers: identical raw outputs,
 identical cleaned predictions, and the same EM verdict. Writes benchmarks/results/backends.json.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from rag_lab.generators import build_generator, length_sorted_batches
 from rag_lab.io import write_json
 from rag_lab.metrics import score_predictions
 from rag_lab.models import resolve_model
-from rag_lab.timings import checkpoint_params, measure_peaks
+from rag_lab.flops import checkpoint_params, measure_peaks
 
 
 def prefill_seconds(gen, prompts) -> float:

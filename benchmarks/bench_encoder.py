@@ -5,7 +5,7 @@
 The same passages go through both engines in one process, each timed best of one pass over the whole
 corpus (encoding dominates; both see the same texts, batch size 64, max length 256):
 - passages/s of each engine and their ratio, against the float32 and int8 GEMM peaks measured in the
-  same run (`rag_lab.timings.measure_peaks`): how close each is to its physical limit;
+  same run (`rag_lab.flops.measure_peaks`): how close each is to its physical limit;
 - agreement: cosine of each passage's int8 embedding to its float32 one (mean, min), and the overlap of
   the top-20 passages each retrieves for the dev questions;
 - answer recall@20 on a dev split (seeded questions of the train split, never the eval split) over a
@@ -31,7 +31,7 @@ from rag_lab.io import write_json
 from rag_lab.metrics import AnswerInPassage, paired_bootstrap_test
 from rag_lab.models import load_sentence_encoder
 from rag_lab.retrievers.ct2_encoder import CT2SentenceEncoder
-from rag_lab.timings import count_params, encoder_flops, measure_peaks
+from rag_lab.flops import count_params, encoder_flops, measure_peaks
 
 OUT = Path(__file__).resolve().parent / "results" / "encoder.json"
 

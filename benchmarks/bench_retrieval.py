@@ -182,22 +182,12 @@ def bm25_vs_rank_bm25(passages, questions, peer_budget_s: float) -> dict:
 # --- 2. dense encoding -------------------------------------------------------------------------
 
 def matmul_peak(n: int = 2048, repeat: int = 5, quiet: bool = False) -> dict:
-    """This machine's float32 matmul throughput (torch, default threads): best of `repeat`."""
+    """This machine's float32 matmul throughput (`rag_lab.flops.float32_peak`, torch default threads)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up (thread pool, allocation)
-    walls, cpus = [], []
-    for _ in range(repeat):
-        c0, t0 = time.process_time(), time.perf_counter()
-        a @ b
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    del a, b
-    t, c = min(walls), min(cpus)
-    flops = 2.0 * n**3
-    res = {"n": n, "best_s": t, "flop_per_s": flops / t, "best_cpu_s": c, "flop_per_cpu_s": flops / c,
-           "torch_threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0],
+    from rag_lab.flops import float32_peak
+
+    res = {"n": n, **float32_peak(n, repeat), "torch_threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0],
            "timing": f"{n}x{n} @ {n}x{n} float32, 2*n^3 FLOP, best of {repeat} after one warm-up; "
                      "cpu = process CPU time summed over threads"}
     if not quiet:

@@ -52,13 +52,14 @@ def child(mode: str, steps: int, batch_size: int, rag: bool) -> None:
     """One mode in a fresh process: time `steps` optimiser steps on real NQ-mini training prompts."""
     import torch
 
+    from rag_lab.flops import count_params
     from rag_lab.models import load_causal_lm
     from rag_lab.training.common import TrainSettings, pad_collate
     from rag_lab.training.generator import apply_lora
 
     model, tok = load_causal_lm("smollm2-135m-instruct")
     examples = training_examples(tok, steps * batch_size, rag)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_params(model)  # SmolLM2 ties its head to the embeddings: the same N as a plain numel sum
     if mode == "trainer":
         return trainer_child(model, tok, examples, batch_size, n_params, rag)
     if mode == "lora":

@@ -21,11 +21,18 @@ import re
 import string
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
-from rag_lab.data.records import Passage, passage_text
+
+
+class Passage(Protocol):
+    """What the answer test reads of a passage (rag_lab.data.records.Passage is one): metrics
+    imports nothing of rag_lab, so data may use it without a cycle."""
+    id: str
+    title: str
+    text: str
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
@@ -35,6 +42,13 @@ _MAX_DRAWS_PER_BLOCK = 1 << 22
 
 
 # ----------------------------------------------------------------------------- answers
+
+def passage_text(p: Passage) -> str:
+    """How every component reads a passage: the title is part of it, as in DPR ("title. text").
+    Retrievers encode it, prompts quote it and `AnswerInPassage` searches it: one definition
+    (re-exported by rag_lab.data.records, where the data contract lives)."""
+    return f"{p.title}. {p.text}" if p.title else p.text
+
 
 def normalize_answer(s: str) -> str:
     """Official SQuAD / NQ-open normalisation: lower, remove punctuation, remove

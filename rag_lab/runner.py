@@ -39,7 +39,8 @@ from rag_lab.paths import REPO_ROOT, cache_dir, profile_results_dir
 from rag_lab.pipeline import Contexts, contexts, dense_index
 from rag_lab.results import table_row, upsert_main_table
 from rag_lab.runs import repair_main_table, write_run_folder
-from rag_lab.timings import StageTiming, checkpoint_params, decoder_flops, record, training_flops
+from rag_lab.flops import checkpoint_params, decoder_flops, training_flops
+from rag_lab.timings import StageTiming, record
 from rag_lab.training import (FINAL, QUERY_ENCODER, PassageIndex, Split, TrainSettings, finished, split_train_dev,
                               train_fid, train_generator, train_joint, train_reader)
 from rag_lab.training.common import RUNTIME_ONLY

@@ -16,15 +16,16 @@ LOW = {"paths", "io", "config", "data", "metrics", "models"}
 # first component of the module (package or top-level module) -> rag_lab parts it may import
 ALLOWED = {
     "paths": set(), "io": {"paths"}, "config": {"paths", "io"},
-    "data": {"data", "io", "paths", "metrics"}, "metrics": {"data"}, "models": {"models", "paths", "io"},
-    "retrievers": {"retrievers", "data", "io", "metrics", "models", "paths", "timings"},
+    "data": {"data", "io", "paths", "metrics"}, "metrics": set(), "models": {"models", "paths", "io"},
+    "flops": set(),
+    "retrievers": {"retrievers", "data", "flops", "io", "metrics", "models", "paths"},
     "generators": {"generators", "config", "data", "io", "metrics", "models", "paths"},
     "training": {"training", "config", "data", "generators", "io", "metrics", "models"},
     "pipeline": {"data", "retrievers", "timings"},
-    "results": {"config", "io", "metrics", "paths"}, "timings": {"paths", "results"},
+    "results": {"config", "io", "metrics", "paths"}, "timings": {"flops", "paths", "results"},
     # the run folders and the main table they stand for: read by `rag-lab table` / `runs` without torch
     "runs": {"config", "data", "io", "paths", "results"},
-    "runner": LOW | {"generators", "pipeline", "results", "runs", "timings", "training"},
+    "runner": LOW | {"flops", "generators", "pipeline", "results", "runs", "timings", "training"},
     # Ray Data actors build one shard's encoder or one generator; never the runner or a whole index
     "scale": {"data", "io", "retrievers", "generators"},
 }
@@ -140,3 +141,12 @@ def test_the_table_and_run_folder_commands_import_no_torch():
             "assert not {'torch', 'transformers'} & set(sys.modules), sorted({'torch', 'transformers'} & set(sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_metrics_and_flops_load_no_other_part_of_rag_lab():
+    """Issue 23: metrics imported data.records (so importing it loaded the whole data package) while
+    data imported metrics; the arrow now points one way, and the FLOP module sits at the bottom too."""
+    code = ("import sys, rag_lab.metrics, rag_lab.flops; "
+            "print(sorted(m for m in sys.modules if m.startswith('rag_lab')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['rag_lab', 'rag_lab.flops', 'rag_lab.metrics']", out

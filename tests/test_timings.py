@@ -1,4 +1,4 @@
-"""rag_lab.timings: FLOPs formulas, parameter counts, the timings table and the measured peaks."""
+"""rag_lab.timings: the timings table (the peaks and FLOP counts are tests/test_flops.py's)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from rag_lab import timings
-from rag_lab.timings import StageTiming, count_params, decoder_flops, encoder_flops, record, timed, training_flops
+from rag_lab.timings import StageTiming, record, timed
 
 PEAKS = {"float32_gflops": 100.0, "int8_gops": 400.0}
 
@@ -20,37 +20,6 @@ def results(tmp_path, monkeypatch):
     monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(tmp_path / "results"))
     monkeypatch.setattr(timings, "measure_peaks", lambda repeats=3: dict(PEAKS))
     return tmp_path / "results"
-
-
-def test_flops_formulas():
-    assert decoder_flops(1_000_000, 300, 20) == 2 * 1_000_000 * 320 == 640_000_000
-    assert training_flops(1_000_000, 1_000) == 6_000_000_000
-    assert encoder_flops(22_000_000, 512) == 2 * 22_000_000 * 512 == 22_528_000_000
-
-
-class TinyLM(nn.Module):
-    def __init__(self, tied: bool = False):
-        super().__init__()
-        self.embed = nn.Embedding(10, 4)    # 40
-        self.pos = nn.Embedding(8, 4)       # 32
-        self.hidden = nn.Linear(4, 4)       # 20
-        self.head = nn.Linear(4, 10, bias=False)  # 40
-        if tied:
-            self.head.weight = self.embed.weight
-
-
-def test_count_params_with_and_without_embeddings():
-    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))  # 40 + 15
-    assert count_params(model) == 15
-    assert count_params(model, exclude_input_embeddings=False) == 55
-    assert count_params(TinyLM()) == 20 + 40
-    assert count_params(TinyLM(), exclude_input_embeddings=False) == 40 + 32 + 20 + 40
-
-
-def test_count_params_keeps_a_tied_head_once():
-    model = TinyLM(tied=True)
-    assert count_params(model) == 20 + 40  # the shared table is the LM head's matmul
-    assert count_params(model, exclude_input_embeddings=False) == 40 + 32 + 20
 
 
 def test_record_computes_floor_and_upserts_by_stage(results):
@@ -122,31 +91,3 @@ def test_timed_records_on_success_only(results):
         with timed("row broken") as t:
             raise RuntimeError("boom")
     assert timings.load_timings()["stage"].tolist() == ["index dense"]
-
-
-def test_measure_peaks_is_positive_and_cached():
-    peaks = timings.measure_peaks()
-    assert set(peaks) == {"float32_gflops", "int8_gops"}
-    assert all(math.isfinite(v) and v > 0 for v in peaks.values())
-    assert timings.measure_peaks() is peaks
-
-
-def test_int8_gemm_is_exact():
-    gen = torch.Generator().manual_seed(0)  # values inside b's int8 range (|b| < 4): the comparison is about the path
-    a, b = torch.rand(64, 64, generator=gen) * 2 - 1, torch.rand(64, 64, generator=gen) * 2 - 1
-    got = timings._int8_gemm(a, b)()
-    qa, qb = (torch.clamp(x * 32, -128, 127).to(torch.int8) for x in (a, b))
-    if got.dtype == torch.int32:  # torch._int_mm: the integer product itself
-        assert torch.equal(got, qa.int() @ qb.int())
-
-
-def test_int8_gemm_falls_back_to_dynamic_quantized_linear(monkeypatch):
-    def unsupported(*args):
-        raise RuntimeError("_int_mm: not supported on this backend")
-
-    monkeypatch.setattr(torch, "_int_mm", unsupported)
-    gen = torch.Generator().manual_seed(0)  # values inside b's int8 range (|b| < 4): the comparison is about the path
-    a, b = torch.rand(64, 64, generator=gen) * 2 - 1, torch.rand(64, 64, generator=gen) * 2 - 1
-    got = timings._int8_gemm(a, b)()
-    assert got.dtype == torch.float32 and got.shape == (64, 64)
-    assert torch.allclose(got, a @ b, atol=0.25)  # b quantised in steps of 1/32, a dynamically

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from rag_lab.data.records import QAExample, qa_from_row
 from rag_lab.io import DataError, read_jsonl, text_lines
+from rag_lab.metrics import normalize_answer
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".tsv", ".tsv.gz")
 # why raised from csv's 131,072 characters: a real passage or article may be longer; past 64 Mi characters a field
@@ -86,8 +87,6 @@ def load_qa_file(path: str | Path, id_prefix: str | None = None, require_scoreab
     """Load QA examples from a local file; rows without an `id` get `<prefix>-<index>`. A question none of
     whose answers survives the SQuAD normalisation ("", "the", "---") can never be scored: an error naming
     the line (`require_scoreable=False` keeps a published benchmark's few such questions as they are)."""
-    from rag_lab.metrics import normalize_answer  # why: metrics imports data.records (a cycle at module level)
-
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from rag_lab.io import DataError
+from rag_lab.metrics import passage_text  # noqa: F401  (the text every component reads; defined beside the answer test)
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,6 @@ class Passage:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def passage_text(p: Passage) -> str:
-    """How every component reads a passage: the title is part of it, as in DPR ("title. text")."""
-    return f"{p.title}. {p.text}" if p.title else p.text
 
 
 def qa_from_row(row: dict[str, Any], where: str, default_id: str) -> QAExample:

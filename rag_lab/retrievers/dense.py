@@ -29,7 +29,7 @@ from rag_lab.io import atomic_dir, discard, stable_hash, verified_folder, write_
 from rag_lab.models import load_sentence_encoder, model_fingerprint, resolve_model
 from rag_lab.retrievers.base import Hit, RetrieverSettingError, check_k, check_questions, hits_from_arrays
 from rag_lab.retrievers.cache import retriever_cache_dir
-from rag_lab.timings import count_params, encoder_flops
+from rag_lab.flops import count_params, encoder_flops
 
 def _ct2_encoder(name: str, max_length: int):
     from rag_lab.retrievers.ct2_encoder import CT2SentenceEncoder  # why: ctranslate2 only for the int8 engine
