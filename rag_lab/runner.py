@@ -304,17 +304,18 @@ def generate_stage(cfg: ExperimentConfig, data: RunData, ctx: Contexts | None, m
     (None if a cache predates that record), "prompt_tokens", "new_tokens", "n_params", "precision"}
     for timings.csv. Finished batches are appended to `partial.jsonl` as they complete, so a killed
     run restarts where it stopped; the batch plan is deterministic."""
-    key = generation_key(cfg, model_fingerprint(resolve_model(model_path)), data, ctx)
+    path = resolve_model(model_path)  # once: the fingerprint, the loader and the parameter count all read it
+    key = generation_key(cfg, model_fingerprint(path), data, ctx)
     stage = cache_dir("runs") / f"generate-{key[:20]}"
     done_path, partial_path, timing_path = stage / "predictions.jsonl", stage / "partial.jsonl", stage / "timing.json"
     cached = read_checked(done_path)  # checksum-verified; a damaged file is reported, deleted and regenerated
     if cached is not None and len(rows := [json.loads(x) for x in cached.decode("utf-8").splitlines() if x.strip()]) == len(data.questions):
         return rows, key, _stage_cost(timing_path)
-    generator = build_generator(cfg.generator, data.train, seed=cfg.seed, model_path=model_path)
+    generator = build_generator(cfg.generator, data.train, seed=cfg.seed, model_path=path)
     # seconds of generation, summed over resumed sessions (loading the model is not counted)
     preds, seconds = _generate_resumable(generator, data.questions, None if ctx is None else ctx.passages,
                                          partial_path, show_progress, doc_logits(cfg, ctx), key=key)
-    cost = {"generate_s": None if seconds is None else round(seconds, 2), **generation_cost(generator, preds, model_path)}
+    cost = {"generate_s": None if seconds is None else round(seconds, 2), **generation_cost(generator, preds, path)}
     write_json(timing_path, cost)
     write_checked(done_path, jsonl_bytes(preds))
     partial_path.unlink(missing_ok=True)
@@ -336,13 +337,14 @@ def _stage_cost(timing_path: Path) -> dict:
     return {"generate_s": None}
 
 
-def generation_cost(generator, preds: list[dict], model_path: str) -> dict:
+def generation_cost(generator, preds: list[dict], model_path: Path | str) -> dict:
     """Tokens read and written, the model's parameters and the precision it ran in (timings.csv);
-    empty for a generator that counts no tokens (the extractive reader reads, it writes none)."""
+    empty for a generator that counts no tokens (the extractive reader reads, it writes none).
+    `model_path` is resolved already (a hub id stays a string: no local checkpoint to count)."""
     counts = generator.token_counts(preds)
     if not counts:
         return {}
-    path = Path(resolve_model(model_path))
+    path = Path(model_path)
     return {**counts, "n_params": checkpoint_params(path) if path.is_dir() else None, "precision": generator.precision}
 
 

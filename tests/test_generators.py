@@ -145,3 +145,37 @@ def test_clean_answer_strips_the_prompts_passage_markers(raw, answer):
     from rag_lab.generators.postprocess import clean_answer
 
     assert clean_answer(raw) == answer
+
+
+def test_every_valid_generator_config_has_exactly_one_builder_and_every_builder_a_config():
+    """Issue 23: build_generator was an if-chain repeating the config's checks; now a registry keyed by
+    generator_route, reachable from the configs GeneratorConfig accepts and from nothing else."""
+    import itertools
+    import typing
+
+    from rag_lab.config import ConfigError, GeneratorConfig
+    from rag_lab.generators import BUILDERS, generator_route
+
+    hints = typing.get_type_hints(GeneratorConfig)
+    routes = set()
+    for kind, backend, combine in itertools.product(*(typing.get_args(hints[k]) for k in ("kind", "backend", "combine"))):
+        try:
+            cfg = GeneratorConfig(kind=kind, backend=backend, combine=combine)
+        except ConfigError:
+            continue
+        routes.add(generator_route(cfg))
+    assert routes == set(BUILDERS)
+
+
+def test_build_generator_resolves_the_model_once(tmp_path, monkeypatch):
+    from rag_lab import models
+    from rag_lab.config import GeneratorConfig
+    from rag_lab.generators import build_generator
+
+    tiny_checkpoint = tmp_path / "tiny"
+    make_tiny_causal_lm(tiny_checkpoint)
+    calls = []
+    real = models.fetch.resolve_model
+    monkeypatch.setattr(models, "resolve_model", lambda name: calls.append(name) or real(name))
+    gen = build_generator(GeneratorConfig(model=str(tiny_checkpoint), max_new_tokens=2))
+    assert calls == [str(tiny_checkpoint)] and isinstance(gen, DecoderGenerator)

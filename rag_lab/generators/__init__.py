@@ -36,46 +36,79 @@ def prompt_builder(cfg, tokenizer, demonstrations: Sequence[QAExample] = ()) -> 
                          use_chat, cfg.max_input_tokens, cfg.max_context_tokens)
 
 
-def build_generator(cfg, train: Sequence[QAExample] = (), seed: int = 0, model_path: str | None = None):
-    """A generator from a `GeneratorConfig`; demonstrations are drawn from `train` with `seed`.
-    `model_path` (a fine-tuned checkpoint) replaces `cfg.model`."""
-    name = model_path or cfg.model
+# --- one builder per way of reading: the registry build_generator looks up -----------------------------
+# Each takes (cfg, the resolved local model path, demonstrations, seed) and returns a generator. The
+# config has already refused the combinations that do not exist (GeneratorConfig.__post_init__), so
+# no builder checks them again.
+
+HF_LOADERS = {"decoder": (models.load_causal_lm, DecoderGenerator), "seq2seq": (models.load_seq2seq_lm, Seq2SeqGenerator)}
+
+
+def _common(cfg) -> dict:
+    return dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, strip_prefixes=cfg.strip_prefixes)
+
+
+def _extractive(cfg, path, demonstrations, seed):
+    return ExtractiveReader(str(path), batch_size=cfg.batch_size)
+
+
+def _transformers(cfg, path, demonstrations, seed):
+    load, cls = HF_LOADERS[cfg.kind]
+    model, tokenizer = load(path)
+    return cls(model, tokenizer, prompt_builder(cfg, tokenizer, demonstrations), **_common(cfg))
+
+
+def _ctranslate2(cfg, path, demonstrations, seed):
+    model, compute_type = load_ct2_generator(path, cfg.ct2_compute_type)  # converted once and cached
+    tokenizer = models.load_tokenizer(str(path), padding_side="left")
+    return CT2DecoderGenerator(model, tokenizer, prompt_builder(cfg, tokenizer, demonstrations), compute_type=compute_type,
+                               **_common(cfg))
+
+
+def _vllm(cfg, path, demonstrations, seed):
+    model = load_vllm_engine(path, cfg.vllm_tensor_parallel, cfg.vllm_dtype, seed)
+    tokenizer = models.load_tokenizer(str(path), padding_side="left")
+    return VLLMGenerator(model, tokenizer, prompt_builder(cfg, tokenizer, demonstrations), **_common(cfg))
+
+
+def _fid(cfg, path, demonstrations, seed):
+    model, tokenizer = models.load_seq2seq_lm(path)
+    return FiDGenerator(model, tokenizer, prompt_builder(cfg, tokenizer, demonstrations), **_common(cfg))
+
+
+def _rag_sequence(cfg, path, demonstrations, seed):
+    model, tokenizer = HF_LOADERS[cfg.kind][0](path)
+    return RagSequenceGenerator(model, tokenizer, prompt_builder(cfg, tokenizer, demonstrations), decoding=cfg.rag_sequence_decoding,
+                                decoder_only=cfg.kind == "decoder", **_common(cfg))
+
+
+def _rag_token(cfg, path, demonstrations, seed):
+    model, tokenizer = HF_LOADERS[cfg.kind][0](path)
+    return RagTokenGenerator(model, tokenizer, prompt_builder(cfg, tokenizer, demonstrations), decoder_only=cfg.kind == "decoder",
+                             **_common(cfg))
+
+
+# keyed by `generator_route(cfg)`
+BUILDERS = {"extractive": _extractive, "transformers": _transformers, "ctranslate2": _ctranslate2, "vllm": _vllm,
+            "fid": _fid, "rag_sequence": _rag_sequence, "rag_token": _rag_token}
+
+
+def generator_route(cfg) -> str:
+    """Which builder reads this config: the extractive reader; else a reader that weighs passages
+    (generator.combine, on transformers); else the engine of a one-prompt reader (generator.backend)."""
     if cfg.kind == "extractive":
-        return ExtractiveReader(name, batch_size=cfg.batch_size)
-    loaders = {"decoder": (models.load_causal_lm, DecoderGenerator), "seq2seq": (models.load_seq2seq_lm, Seq2SeqGenerator)}
-    if cfg.kind not in loaders:
-        raise ValueError(f"generator.kind {cfg.kind!r}: kinds are {', '.join([*loaders, 'extractive'])}")
-    load, cls = loaders[cfg.kind]
-    extra = {}
-    if cfg.combine != "concat":  # the config checks these at load; a config built in code is checked here
-        if cfg.backend != "transformers":
-            raise ValueError(f"generator.combine {cfg.combine!r} needs generator.backend: transformers (it scores passages one by one)")
-        if cfg.combine == "fid" and cfg.kind != "seq2seq":
-            raise ValueError("generator.combine 'fid' needs an encoder-decoder reader (generator.kind: seq2seq)")
-        model, tokenizer = load(name)
-        builder = prompt_builder(cfg, tokenizer, sample_demonstrations(train, cfg.n_few_shot, seed))
-        common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, strip_prefixes=cfg.strip_prefixes)
-        if cfg.combine == "fid":
-            return FiDGenerator(model, tokenizer, builder, **common)
-        decoder_only = cfg.kind == "decoder"
-        if cfg.combine == "rag_sequence":
-            return RagSequenceGenerator(model, tokenizer, builder, decoding=cfg.rag_sequence_decoding, decoder_only=decoder_only, **common)
-        return RagTokenGenerator(model, tokenizer, builder, decoder_only=decoder_only, **common)
-    if cfg.backend == "ctranslate2":
-        path = models.resolve_model(name)
-        model, extra["compute_type"] = load_ct2_generator(path, cfg.ct2_compute_type)  # converted once and cached
-        tokenizer, cls = models.load_tokenizer(str(path), padding_side="left"), CT2DecoderGenerator
-    elif cfg.backend == "vllm":
-        path = models.resolve_model(name)
-        model = load_vllm_engine(path, cfg.vllm_tensor_parallel, cfg.vllm_dtype, seed)
-        tokenizer, cls = models.load_tokenizer(str(path), padding_side="left"), VLLMGenerator
-    else:
-        model, tokenizer = load(name)
-    builder = prompt_builder(cfg, tokenizer, sample_demonstrations(train, cfg.n_few_shot, seed))
-    return cls(model, tokenizer, builder, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-               strip_prefixes=cfg.strip_prefixes, **extra)
+        return "extractive"
+    return cfg.combine if cfg.combine != "concat" else cfg.backend
+
+
+def build_generator(cfg, train: Sequence[QAExample] = (), seed: int = 0, model_path=None):
+    """A generator from a `GeneratorConfig`; demonstrations are drawn from `train` with `seed`.
+    `model_path` (a fine-tuned checkpoint, or `cfg.model` already resolved) replaces `cfg.model`.
+    The model is resolved here once; every loader gets the local path."""
+    path = models.resolve_model(str(model_path or cfg.model))
+    return BUILDERS[generator_route(cfg)](cfg, path, sample_demonstrations(train, cfg.n_few_shot, seed), seed)
 
 
 __all__ = ["CT2DecoderGenerator", "DecoderGenerator", "ExtractiveReader", "FiDGenerator", "RagSequenceGenerator", "RagTokenGenerator",
-           "Seq2SeqGenerator", "answer_logprobs", "marginal_logprob", "HFGenerator", "Prompt", "PromptBuilder", "build_generator", "prompt_builder",
+           "Seq2SeqGenerator", "BUILDERS", "generator_route", "answer_logprobs", "marginal_logprob", "HFGenerator", "Prompt", "PromptBuilder", "build_generator", "prompt_builder",
            "clean_answer", "length_sorted_batches", "sample_demonstrations", "VLLMGenerator", "load_vllm_engine"]
