@@ -6,7 +6,7 @@ import os
 import pytest
 
 from rag_lab.data import DATASETS, load_corpus, load_qa
-from rag_lab.data import build_nq_mini
+from rag_lab.data import build_nq_mini, nq_sources
 from rag_lab.data.chunking import article_to_passages, chunk_words
 from rag_lab.data.coverage import AnswerOccurrenceIndex
 from rag_lab.data.corpus import file_corpus as load_corpus_file
@@ -224,7 +224,7 @@ needs_sources = pytest.mark.skipif(not (source_data_dir() / "nq_open").exists(),
 ])
 def test_build_refuses_damaged_sources(tmp_path, damage, message):
     src = _sources(tmp_path)
-    gold, extract = src / build_nq_mini.GOLD[0], src / build_nq_mini.EXTRACT_DIR / "wiki_05.gz"
+    gold, extract = src / nq_sources.GOLD[0], src / nq_sources.EXTRACT_DIR / "wiki_05.gz"
     if damage == "missing_gold":
         gold.unlink()
     elif damage == "wrong_sha_gold":
@@ -257,30 +257,30 @@ def _extract_file(tmp_path, text: str):
 def test_malformed_wikiextractor_blocks_name_file_and_line(tmp_path, text, message):
     path, sha = _extract_file(tmp_path, text)
     with pytest.raises(DataError, match=message):
-        list(build_nq_mini.read_extract_file(path, sha))
+        list(nq_sources.read_extract_file(path, sha))
 
 
 def test_extract_file_drops_the_repeated_title_and_joins_lines(tmp_path):
     path, sha = _extract_file(tmp_path, '<doc id="7" url="?curid=7" title="Jarred Shaw">\nJarred Shaw\n\nFirst line.\nSecond.\n</doc>\n'
                                         '<doc id="8" url="?curid=8" title="Empty">\nEmpty\n\n</doc>\n')
-    assert list(build_nq_mini.read_extract_file(path, sha)) == [(1, "7", "Jarred Shaw", "First line. Second."), (7, "8", "Empty", "")]
+    assert list(nq_sources.read_extract_file(path, sha)) == [(1, "7", "Jarred Shaw", "First line. Second."), (7, "8", "Empty", "")]
 
 
 @needs_sources
 def test_gold_line_that_matches_no_question_names_its_line(tmp_path):
     src = _sources(tmp_path)
-    gold = src / build_nq_mini.GOLD[0]
+    gold = src / nq_sources.GOLD[0]
     lines = gzip.decompress(gold.read_bytes()).decode("utf-8").splitlines()
     lines[4] = json.dumps({**json.loads(lines[4]), "question": "a question nobody asked"})
     _replace(gold, gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), mtime=0))
-    qs = build_nq_mini._read_nq(src / build_nq_mini.NQ_DEV[0], build_nq_mini.NQ_DEV[1], "nq-dev")
+    qs = nq_sources._read_nq(src / nq_sources.NQ_DEV[0], nq_sources.NQ_DEV[1], "nq-dev")
     import hashlib
 
     monkey_sha = hashlib.sha256(gold.read_bytes()).hexdigest()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(build_nq_mini, "GOLD", (build_nq_mini.GOLD[0], monkey_sha))  # past the hash check, to the line check
+        mp.setattr(nq_sources, "GOLD", (nq_sources.GOLD[0], monkey_sha))  # past the hash check, to the line check
         with pytest.raises(DataError, match=r"nq-open-oracle.jsonl.gz:5: question 'a question nobody asked' matches no NQ-open dev question"):
-            build_nq_mini.read_gold(src, qs)
+            nq_sources.read_gold(src, qs)
 
 
 def test_duplicate_passage_ids_after_chunking_are_an_error():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rag_lab import config as config_module
+from rag_lab.config import loading as config_loading  # where resolve_paths looks REPO_ROOT up
 from rag_lab import paths
 from rag_lab.config import RetrievalStudyConfig, load_experiment
 from rag_lab.io import MADE_MARK, UserError, atomic_dir, check_replaceable
@@ -25,7 +25,7 @@ def repo(tmp_path, monkeypatch) -> Path:
     for name in ("rag_lab/__init__.py", "data/nq_mini/eval.jsonl", "results/main_table.csv", ".git/HEAD", "README.md"):
         (root / name).write_text("keep me\n")
     monkeypatch.setattr(paths, "REPO_ROOT", root)
-    monkeypatch.setattr(config_module, "REPO_ROOT", root)
+    monkeypatch.setattr(config_loading, "REPO_ROOT", root)
     monkeypatch.setenv("RAG_LAB_DATA_DIR", str(root / "data"))
     monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(root / "results"))
     monkeypatch.setenv("RAG_LAB_SOURCE_DATA", str(tmp_path / "shared" / "data"))

@@ -272,7 +272,7 @@ def test_a_batch_log_line_that_fails_its_checksum_is_regenerated_not_served(env,
 def test_a_batch_line_cut_off_by_a_kill_is_dropped_quietly(env, tmp_path):
     import warnings
 
-    from rag_lab.runner import _batch_line, read_batch_log
+    from rag_lab.runner.generate import _batch_line, read_batch_log
 
     log = tmp_path / "partial.jsonl"
     whole = _batch_line("k", [0, 1], ["a", "b"], 0.5)
