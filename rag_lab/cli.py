@@ -12,8 +12,8 @@ from rag_lab.config import (ConfigError, ExperimentConfig, PROFILES, RetrievalSt
 from rag_lab.data import build_nq_mini
 from rag_lab.io import UserError
 from rag_lab.paths import REPO_ROOT, data_dir, profile_results_dir
-from rag_lab.readme import update_readme
-from rag_lab.runs import check_run_folder, main_table_problem, rebuild_main_table, run_folders
+from rag_lab.reporting.readme import update_readme
+from rag_lab.reporting.runs import check_run_folder, main_table_problem, rebuild_main_table, run_folders
 
 
 def _build_data(args: argparse.Namespace) -> None:
@@ -23,7 +23,7 @@ def _build_data(args: argparse.Namespace) -> None:
 
 def _reproduce(args: argparse.Namespace) -> None:
     from rag_lab.notebooks import run_notebooks  # why: papermill + jupyter, only for reproduce
-    from rag_lab.timings import timed  # why: loads torch; `--help` and check-config need none of it
+    from rag_lab.reporting.timings import timed  # why: loads torch; `--help` and check-config need none of it
 
     out = data_dir() / "nq_mini"
     with timed("data nq-mini", args.profile, note="build or validate data/nq_mini against its sha256 manifest"):
@@ -39,7 +39,7 @@ def _readme(args: argparse.Namespace) -> None:
 
 
 def _retrieval(args: argparse.Namespace) -> None:
-    from rag_lab.retrieval_eval import run_retrieval_study  # why: loads torch and transformers (seconds)
+    from rag_lab.studies.retrieval_eval import run_retrieval_study  # why: loads torch and transformers (seconds)
 
     cfg = load_experiment(args.experiment, profile=args.profile, cls=RetrievalStudyConfig)
     result = run_retrieval_study(cfg, profile=args.profile)
@@ -102,7 +102,7 @@ def _table(args: argparse.Namespace) -> None:
         print(f"rebuilt from the run folders ({main_table_problem(args.profile) or 'the table was consistent'})")
         rebuild_main_table(args.profile)
     else:
-        from rag_lab.results import upsert_main_table  # why: pandas only; re-render the .md with the current code
+        from rag_lab.reporting.results import upsert_main_table  # why: pandas only; re-render the .md with the current code
 
         upsert_main_table([], args.profile)
     print((profile_results_dir(args.profile) / "main_table.md").read_text(encoding="utf-8"))

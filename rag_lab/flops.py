@@ -1,6 +1,6 @@
 """The arithmetic side of every speed figure: this machine's matmul peak, measured in the same run
 (float32 GEMM and int8 GEMM side by side), and the model FLOPs a stage did (2 N per token forward,
-6 N per token trained, N = parameters without the input embeddings). `rag_lab.timings` divides one
+6 N per token trained, N = parameters without the input embeddings). `rag_lab.reporting.timings` divides one
 by the other for results/timings.csv, and every script in benchmarks/ quotes the same peak and the
 same parameter count, so no two figures use different conventions.
 

@@ -18,7 +18,7 @@ import papermill as pm
 
 from rag_lab.io import atomic_write_text
 from rag_lab.paths import REPO_ROOT, results_dir
-from rag_lab.timings import StageTiming, record
+from rag_lab.reporting.timings import StageTiming, record
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 # Notebooks that do not run in every profile: notebook 07 trains the end-to-end rows, which need the dense index

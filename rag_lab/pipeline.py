@@ -23,7 +23,7 @@ from rag_lab.data.corpus import Corpus, as_corpus
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.retrievers import build_retriever, cached_retrieve
 from rag_lab.retrievers.base import Hit
-from rag_lab.timings import record_index_builds
+from rag_lab.reporting.timings import record_index_builds
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ def inject(point: str) -> None:
 
         HFGenerator.generate_batch = batch
     elif point == "table-upsert":  # half of the new main_table.csv written into its temporary file
-        from rag_lab import results
+        from rag_lab.reporting import results
 
         real = results.atomic_write_text
 

@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from rag_lab import analysis, plots
+from rag_lab.studies import analysis, plots
 from rag_lab.metrics import mcnemar_exact
 
 
@@ -114,3 +114,18 @@ def test_mcnemar_power_exact_small_cases():
     assert n_for_power(0.02, 0.02) is None
     n = n_for_power(0.02, 0.08)
     assert mcnemar_power(0.02, 0.08, n) >= 0.8
+
+
+def test_end_to_end_rows_read_without_compute_name_the_missing_rows(tmp_path, monkeypatch):
+    """Notebook 07's compute-or-read (studies/end_to_end.rows): reading a profile whose table lacks the rows is an
+    error naming the table and the rows, not an empty notebook; an unknown profile fails first."""
+    from rag_lab.studies import end_to_end
+
+    monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(tmp_path / "results"))
+    with pytest.raises(FileNotFoundError, match=r"main_table.csv: no row for finetune_rag_dense, finetune_rag_rag_sequence"):
+        end_to_end.rows("smoke", compute=False)
+    with pytest.raises(ValueError, match="unknown profile 'nightly'"):
+        end_to_end.rows("nightly", compute=False)
+    with pytest.raises(ValueError, match="no 'default' profile: it runs in smoke, extended only"):
+        end_to_end.rows_profile("default")  # the rows need the whole corpus's dense index: extended (smoke for checks)
+    assert end_to_end.rows_profile("extended") == "extended" and end_to_end.rows_profile("smoke") == "smoke"

@@ -21,11 +21,10 @@ ALLOWED = {
     "retrievers": {"retrievers", "data", "flops", "io", "metrics", "models", "paths"},
     "generators": {"generators", "config", "data", "io", "metrics", "models", "paths"},
     "training": {"training", "config", "data", "generators", "io", "metrics", "models"},
-    "pipeline": {"data", "retrievers", "timings"},
-    "results": {"config", "io", "metrics", "paths"}, "timings": {"flops", "paths", "results"},
-    # the run folders and the main table they stand for: read by `rag-lab table` / `runs` without torch
-    "runs": {"config", "data", "io", "paths", "results"},
-    "runner": LOW | {"flops", "generators", "pipeline", "results", "runs", "timings", "training"},
+    "pipeline": {"data", "retrievers", "reporting"},
+    # results tables, run folders (read by `rag-lab table` / `runs` without torch), timings, README blocks
+    "reporting": {"reporting", "config", "data", "flops", "io", "metrics", "paths"},
+    "runner": LOW | {"runner", "flops", "generators", "pipeline", "reporting", "training"},
     # Ray Data actors build one shard's encoder or one generator; never the runner or a whole index
     "scale": {"data", "io", "retrievers", "generators"},
 }
@@ -139,7 +138,7 @@ def test_the_architecture_page_names_every_part():
 
 def test_the_table_and_run_folder_commands_import_no_torch():
     """Issue 23: `rag-lab table` and `rag-lab runs --check` read CSV and JSON; importing torch for them took seconds."""
-    code = ("import sys; from rag_lab import cli, runs; "
+    code = ("import sys; from rag_lab import cli; from rag_lab.reporting import runs; "
             "assert not {'torch', 'transformers'} & set(sys.modules), sorted({'torch', 'transformers'} & set(sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -152,3 +151,45 @@ def test_metrics_and_flops_load_no_other_part_of_rag_lab():
             "print(sorted(m for m in sys.modules if m.startswith('rag_lab')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['rag_lab', 'rag_lab.flops', 'rag_lab.metrics']", out
+
+
+def layers() -> dict[str, tuple[int, set[str] | None]]:
+    """docs/ARCHITECTURE.md's layer block: entry ("cli.py", "studies/") -> (layer, the package's modules or None)."""
+    page = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    block = page.split("<!-- layers -->\n```\n", 1)[1].split("```", 1)[0]
+    out: dict[str, tuple[int, set[str] | None]] = {}
+    for line in block.splitlines()[1:]:
+        level, rest = re.fullmatch(r"\s+(\d) [a-z ]+?\s{2,}(.+)", line).groups()
+        for entry, modules in re.findall(r"([\w.]+/?)(?: \(([^)]*)\))?(?:, |$)", rest):
+            assert entry not in out, f"{entry} is listed twice"
+            out[entry] = (int(level), {m.strip() for m in modules.split(",")} if modules else None)
+    return out
+
+
+def test_the_folders_are_the_layers_the_architecture_page_draws():
+    """Issue 23: every file and folder of rag_lab/ sits in one layer of docs/ARCHITECTURE.md, each package's
+    modules are the ones the page lists, and no module imports from a layer above its own."""
+    drawn = layers()
+    present = {p.name + ("/" if p.is_dir() else "") for p in PACKAGE.iterdir()
+               if p.name not in ("__init__.py", "__pycache__") and (p.is_dir() or p.suffix == ".py")}
+    assert set(drawn) == present, f"not drawn: {sorted(present - set(drawn))}; drawn but absent: {sorted(set(drawn) - present)}"
+    for entry, (_, listed) in drawn.items():
+        if entry.endswith("/"):
+            found = {p.stem for p in (PACKAGE / entry).glob("*.py") if p.name != "__init__.py"}
+            assert listed == found, f"{entry}: the page lists {sorted(listed or ())}, the folder holds {sorted(found)}"
+    level = {entry.rstrip("/").removesuffix(".py"): lvl for entry, (lvl, _) in drawn.items()}
+    upward = []
+    for name, path, tree in modules():
+        own = level[name.split(".")[0]] if name != "__init__" else 0
+        for module, names, line in rag_lab_imports(tree):
+            for target in [part(module)] if part(module) else names:
+                if level.get(target, 0) > own:
+                    upward.append(f"{path.relative_to(PACKAGE)}:{line} (layer {own}) imports {target} (layer {level[target]})")
+    assert not upward, upward
+
+
+def test_no_module_is_over_400_lines():
+    """Issue 23: a module past 400 lines was holding two jobs; split it along them."""
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
+    assert not long, long

@@ -483,7 +483,7 @@ TABLE_DAMAGE = [damage_empty, damage_header_only, damage_truncated_mid_row, dama
 
 @pytest.mark.parametrize("damage", TABLE_DAMAGE, ids=lambda f: "table-" + f.__name__.removeprefix("damage_"))
 def test_a_damaged_main_table_is_detected_and_rebuilt_from_the_run_folders(damage, results, capsys):
-    from rag_lab.runs import main_table_problem, repair_main_table
+    from rag_lab.reporting.runs import main_table_problem, repair_main_table
 
     assert main_table_problem() is None
     damage(results / "main_table.csv")
@@ -499,7 +499,7 @@ def test_a_damaged_main_table_is_detected_and_rebuilt_from_the_run_folders(damag
 def test_a_row_whose_run_folder_is_gone_is_found_and_dropped_by_the_rebuild(results, capsys):
     import shutil
 
-    from rag_lab.runs import main_table_problem, repair_main_table
+    from rag_lab.reporting.runs import main_table_problem, repair_main_table
 
     gone = next((results / "runs" / "qwen_rag").iterdir())
     shutil.rmtree(gone)
@@ -535,7 +535,7 @@ RUN_DAMAGE = [  # (id, how to damage one run folder, fragment of the report)
 
 @pytest.mark.parametrize("case", RUN_DAMAGE, ids=lambda c: c[0])
 def test_runs_check_reports_a_damaged_run_folder(case, results, capsys):
-    from rag_lab.runs import repair_main_table
+    from rag_lab.reporting.runs import repair_main_table
 
     _, damage, fragment = case
     damage(next((results / "runs" / "closed_book_zero_shot").iterdir()))
@@ -547,7 +547,7 @@ def test_runs_check_reports_a_damaged_run_folder(case, results, capsys):
 
 
 def test_a_run_folder_appears_only_complete(tmp_path, monkeypatch):
-    from rag_lab import runs
+    from rag_lab.reporting import runs
     from rag_lab.config import ExperimentConfig
 
     monkeypatch.setenv("RAG_LAB_RESULTS_DIR", str(tmp_path / "results"))
@@ -687,7 +687,7 @@ def test_damaged_embeddings_and_faiss_index_are_rebuilt(tmp_path, damage):
 
 
 def test_a_results_csv_keeps_names_that_pandas_would_read_as_missing(tmp_path):
-    from rag_lab.results import load_table, upsert_rows
+    from rag_lab.reporting.results import load_table, upsert_rows
 
     path = tmp_path / "table.csv"
     for name in ("NA", "null", "None", "nan", "NA"):  # the last replaces the first
@@ -698,8 +698,8 @@ def test_a_results_csv_keeps_names_that_pandas_would_read_as_missing(tmp_path):
 def test_an_experiment_named_na_is_a_table_row_not_a_damaged_table(results, capsys):
     import shutil
 
-    from rag_lab.results import upsert_main_table
-    from rag_lab.runs import main_table_problem, rebuild_main_table, row_from_run_folder
+    from rag_lab.reporting.results import upsert_main_table
+    from rag_lab.reporting.runs import main_table_problem, rebuild_main_table, row_from_run_folder
 
     src = next((results / "runs" / "closed_book_zero_shot").iterdir())
     dst = results / "runs" / "NA" / src.name
@@ -714,7 +714,7 @@ def test_an_experiment_named_na_is_a_table_row_not_a_damaged_table(results, caps
 def test_rebuilding_the_main_table_never_leaves_it_missing(results):
     import threading
 
-    from rag_lab.runs import rebuild_main_table
+    from rag_lab.reporting.runs import rebuild_main_table
 
     path, done, missing = results / "main_table.csv", threading.Event(), []
     before = sorted(pd.read_csv(path)["experiment"])
@@ -840,7 +840,7 @@ def test_bm25_stemmer_and_stopword_names_are_one_error_line(tmp_path, settings, 
 def test_a_damaged_timings_csv_is_set_aside_and_started_again(tmp_path, body):
     """Issue 22: a corrupt timings.csv raised a traceback at the end of a finished run."""
     from rag_lab.io import CacheRepaired
-    from rag_lab.results import load_table, upsert_rows
+    from rag_lab.reporting.results import load_table, upsert_rows
 
     path = tmp_path / "timings.csv"
     path.write_bytes(body)

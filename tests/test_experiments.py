@@ -6,7 +6,7 @@ import pytest
 
 from rag_lab.config import PROFILES, ConfigError, RetrievalStudyConfig, declared_profiles, load_experiment
 from rag_lab.paths import REPO_ROOT, results_dir
-from rag_lab.readme import BLOCKS, generated_pages, render_blocks, table_part
+from rag_lab.reporting.readme import BLOCKS, generated_pages, render_blocks, table_part
 
 EXPERIMENTS = sorted(p for p in (REPO_ROOT / "experiments").rglob("*.yaml")
                      if not p.name.startswith("_") and p.name != "retrieval.yaml" and p.parent.name != "accelerate")

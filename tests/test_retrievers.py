@@ -9,7 +9,7 @@ import torch
 from rag_lab.data.records import Passage, QAExample
 from rag_lab.io import DataError
 from rag_lab.pipeline import Contexts, contexts_from_hits
-from rag_lab.retrieval_eval import evaluate_contexts, recall_row
+from rag_lab.studies.retrieval_eval import evaluate_contexts, recall_row
 from rag_lab.retrievers import BM25Retriever, DenseRetriever, HybridRetriever, Hit, build_faiss_index, cached_retrieve, rrf_fuse, weighted_fuse
 from tiny_models import make_tiny_tokenizer
 

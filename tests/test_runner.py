@@ -8,7 +8,7 @@ import pytest
 
 from rag_lab.config import ExperimentConfig, from_dict
 from rag_lab.generators.hf import HFGenerator
-from rag_lab.results import upsert_rows
+from rag_lab.reporting.results import upsert_rows
 from rag_lab.runner import run_experiment
 from tiny_models import make_tiny_causal_lm
 
@@ -157,7 +157,7 @@ def test_concurrent_upserts_lose_no_row(tmp_path):
 
 
 def test_main_table_rows_read_in_regime_order(tmp_path):
-    from rag_lab.results import in_regime_order
+    from rag_lab.reporting.results import in_regime_order
 
     table = pd.DataFrame({"experiment": ["reader_x", "rag_k10", "rag_k3", "cb_ft", "rag_ft", "cb"],
                           "regime": ["reader", "rag", "rag", "closed_book_ft", "rag_ft", "closed_book"]})

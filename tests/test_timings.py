@@ -1,4 +1,4 @@
-"""rag_lab.timings: the timings table (the peaks and FLOP counts are tests/test_flops.py's)."""
+"""rag_lab.reporting.timings: the timings table (the peaks and FLOP counts are tests/test_flops.py's)."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from rag_lab import timings
-from rag_lab.timings import StageTiming, record, timed
+from rag_lab.reporting import timings
+from rag_lab.reporting.timings import StageTiming, record, timed
 
 PEAKS = {"float32_gflops": 100.0, "int8_gops": 400.0}
 

@@ -12,10 +12,10 @@ from rag_lab.config import ExperimentConfig
 from rag_lab.data.subsets import eval_set_name
 from rag_lab.io import clean_orphans
 from rag_lab.paths import REPO_ROOT, cache_dir, profile_results_dir
-from rag_lab.results import table_row, upsert_main_table
-from rag_lab.runs import repair_main_table, write_run_folder
+from rag_lab.reporting.results import table_row, upsert_main_table
+from rag_lab.reporting.runs import repair_main_table, write_run_folder
 from rag_lab.flops import decoder_flops, training_flops
-from rag_lab.timings import StageTiming, record
+from rag_lab.reporting.timings import StageTiming, record
 from rag_lab.runner.contexts import contexts_stage, trained_query_contexts
 from rag_lab.runner.data import check_models, data_stage
 from rag_lab.runner.generate import generate_stage

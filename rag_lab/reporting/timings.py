@@ -22,7 +22,7 @@ import pandas as pd
 
 from rag_lab.flops import measure_peaks
 from rag_lab.paths import profile_results_dir
-from rag_lab.results import load_table, upsert_rows
+from rag_lab.reporting.results import load_table, upsert_rows
 
 PRECISIONS = ("float32", "int8")
 PEAK_KEYS = {"float32": "float32_gflops", "int8": "int8_gops"}

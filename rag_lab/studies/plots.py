@@ -8,10 +8,10 @@ from typing import Sequence
 import matplotlib.pyplot as plt  # headless runs fall back to Agg by themselves
 import numpy as np
 
-from rag_lab.analysis import ATTRIBUTION
-from rag_lab.budget import curves_table
+from rag_lab.studies.analysis import ATTRIBUTION
+from rag_lab.studies.budget import curves_table
 from rag_lab.io import atomic_write_bytes
-from rag_lab.retrieval_eval import recall_curve
+from rag_lab.studies.retrieval_eval import recall_curve
 
 
 def recall_curves(evals: dict, ks: Sequence[int] | None = None, subset: bool = False, title: str | None = None):
@@ -116,6 +116,19 @@ def learning_curves(training: dict, title: str = ""):
     ax_em.set_xlabel("optimiser step"); ax_em.set_ylabel("dev score (held out from train)"); ax_em.grid(alpha=0.3); ax_em.legend()
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def passage_entropy(training: dict[str, dict], k: int, title: str = "Passage-weight entropy during end-to-end training"):
+    """Entropy of p_eta(z|x) over the top-k against training steps, one line per run (training.json, seed 0),
+    with log k (uniform weights) for reference."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, info in training.items():
+        curve = info["0"].get("passage_entropy") or []
+        ax.plot([c["step"] for c in curve], [c["passage_entropy"] for c in curve], marker="o", label=name)
+    ax.axhline(np.log(k), color="grey", linestyle="--", label=f"uniform over the top-{k} (log k)")
+    ax.set_xlabel("training step"); ax.set_ylabel("entropy of p_eta(z|x), nats"); ax.set_ylim(bottom=0); ax.legend(fontsize=8)
+    ax.set_title(title)
     return fig
 
 

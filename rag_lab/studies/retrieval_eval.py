@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from rag_lab.budget import budget_curve, choose_setting, curves_table
+from rag_lab.studies.budget import budget_curve, choose_setting, curves_table
 from rag_lab.config import GeneratorConfig, RetrieverConfig, RetrieverTrainingConfig, load_experiment
 from rag_lab.data import load_qa
 from rag_lab.data.records import Passage, QAExample
@@ -23,7 +23,7 @@ from rag_lab.metrics import AnswerInPassage, answer_recall_at_k, bootstrap_ci
 from rag_lab.models import load_tokenizer, resolve_model
 from rag_lab.paths import profile_results_dir
 from rag_lab.pipeline import Contexts, contexts, contexts_from_hits
-from rag_lab.results import KS, display_budget_table, display_retrieval_table, upsert_rows
+from rag_lab.reporting.results import KS, display_budget_table, display_retrieval_table, upsert_rows
 from rag_lab.retrievers.base import Hit
 from rag_lab.training import train_dense_retriever
 from rag_lab.training.common import TRAINING_FILE

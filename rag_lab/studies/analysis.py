@@ -15,7 +15,7 @@ import pandas as pd
 from rag_lab.io import atomic_write_text, read_jsonl
 from rag_lab.metrics import mcnemar_exact, mcnemar_power, n_for_power, paired_bootstrap_test
 from rag_lab.paths import profile_results_dir
-from rag_lab.results import load_table, to_markdown
+from rag_lab.reporting.results import load_table, to_markdown
 from rag_lab.runner import run_experiment
 
 

@@ -25,7 +25,7 @@ from rag_lab.config import ConfigError, ExperimentConfig, from_dict
 from rag_lab.data.subsets import eval_set_name
 from rag_lab.io import UserError, atomic_dir, read_jsonl, write_json, write_jsonl
 from rag_lab.paths import REPO_ROOT, profile_results_dir
-from rag_lab.results import MAIN_TABLE_KEY, load_table, table_row, upsert_main_table
+from rag_lab.reporting.results import MAIN_TABLE_KEY, load_table, table_row, upsert_main_table
 
 
 def _version(package: str) -> str:

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import pandas as pd
 from filelock import FileLock
 
-from rag_lab.config import REGIMES
+from rag_lab.config import REGIMES, ExperimentConfig
 from rag_lab.io import CacheRepaired, atomic_write_text
 from rag_lab.metrics import format_ci
 from rag_lab.paths import profile_results_dir
