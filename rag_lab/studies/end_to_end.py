@@ -148,6 +148,7 @@ def verdict(tests: pd.DataFrame, k: int = 5, alpha: float = 0.05) -> list[str]:
 EXPERIMENTS = REPO_ROOT / "experiments"
 OBJECTIVES = {"rag_sequence": "finetune_rag_rag_sequence", "rag_token": "finetune_rag_rag_token", "pdist": "finetune_rag_pdist"}
 FROZEN = "finetune_rag_dense"  # the same reader fine-tuned over the frozen dense retriever
+NAMES = (FROZEN, *OBJECTIVES.values())  # the notebook's rows, the frozen one first
 
 
 @dataclass
@@ -158,10 +159,6 @@ class EndToEndRows:
     table: pd.DataFrame  # the main-table rows of the eval set
     predictions: dict[str, list[dict]]  # experiment -> prediction rows
     training: dict[str, dict]  # experiment -> training.json
-
-    @property
-    def names(self) -> list[str]:
-        return [FROZEN, *OBJECTIVES.values()]
 
     @property
     def end_to_end_training(self) -> dict[str, dict]:
@@ -182,9 +179,9 @@ def rows_profile(profile: str) -> str:
 
 def settings(profile: str) -> list[str]:
     """One line per row: what it trains, how, on how many questions."""
-    lines = []
-    for name in [FROZEN, *OBJECTIVES.values()]:
-        c = load_experiment(EXPERIMENTS / f"{name}.yaml", rows_profile(profile))
+    lines, where = [], rows_profile(profile)
+    for name in NAMES:
+        c = load_experiment(EXPERIMENTS / f"{name}.yaml", where)
         t = c.training
         joint = f" (temperature {c.retriever.temperature}, query encoder lr {t.query_learning_rate})" if t.objective != "lm" else " (frozen)"
         lines.append(f"{name}: objective {t.objective}, reader reads {c.generator.combine}; dense top-{c.retriever.k}{joint}; "
@@ -206,12 +203,11 @@ def rows(profile: str, compute: bool = True, log=print) -> EndToEndRows:
             log(f"{cfg.name}: EM {result.row['em']:.3f}, {({k: round(v) for k, v in result.timings.items() if v is not None})}")
     path = profile_results_dir(where) / "main_table.csv"
     table = load_table(path) if path.exists() else pd.DataFrame(columns=["experiment", "eval_set", "run"])
-    names = [FROZEN, *OBJECTIVES.values()]
-    missing = [n for n in names if n not in set(table["experiment"])]
+    missing = [n for n in NAMES if n not in set(table["experiment"])]
     if missing:
         raise FileNotFoundError(f"{path}: no row for {', '.join(missing)}; run notebook 07 with compute=True (profile {where})")
     eval_set = table.loc[table["experiment"] == FROZEN, "eval_set"].iloc[0]
-    table = table[(table["eval_set"] == eval_set) & table["experiment"].isin(names)].reset_index(drop=True)
+    table = table[(table["eval_set"] == eval_set) & table["experiment"].isin(NAMES)].reset_index(drop=True)
     runs = dict(zip(table["experiment"], table["run"]))
     predictions = {name: load_predictions(run, where) for name, run in runs.items()}
     training = {name: json.loads((profile_results_dir(where) / run / "training.json").read_text(encoding="utf-8"))
